@@ -1,0 +1,30 @@
+# Set-up is part of every target: the first call creates .venv and installs the project.
+PYTHON ?= python3
+VENV   ?= .venv
+CONSTRAINTS ?= constraints-cpu.txt
+BIN := $(VENV)/bin
+OUT ?= demo-out
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/anogan-ray: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+## demo: the main job, end to end on the built-in synthetic cohort with a local Ray
+demo: $(BIN)/anogan-ray
+	$(BIN)/anogan-ray demo --out $(OUT)
+
+## test: the whole test suite (what CI runs)
+test: $(BIN)/anogan-ray
+	$(BIN)/ruff check anogan_ray jobs tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/anogan-ray
+	$(BIN)/ruff check anogan_ray jobs tests benchmarks
+	$(BIN)/ruff format --check anogan_ray jobs tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -1,0 +1,267 @@
+"""Configuration: one dataclass per stage, built from one YAML section each.
+
+A run's configuration is a preset (``tiny``, ``demo``, ``paper``; YAML files in
+``anogan_ray/presets``) or a YAML file of the same shape, plus ``section.key=value``
+overrides from the command line. Unknown sections or keys and invalid values raise
+:class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("tiny", "demo", "paper")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+def _choices(*allowed: Any, default: Any) -> Any:
+    return field(default=default, metadata={"choices": allowed})
+
+
+def _positive(default: Any) -> Any:
+    return field(default=default, metadata={"min": 0, "exclusive": True})
+
+
+def _at_least(minimum: float, default: Any) -> Any:
+    return field(default=default, metadata={"min": minimum})
+
+
+def _unit(default: float) -> Any:
+    return field(default=default, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
+class PhantomConfig:
+    """The synthetic OCT cohort (``anogan-ray phantom``)."""
+
+    healthy_subjects: int = _at_least(0, 6)  # subjects with no pathology
+    pathological_subjects: int = _at_least(0, 4)  # subjects with a mix of pathologies
+    volumes_per_subject: int = _at_least(1, 1)  # eyes / visits per subject
+    bscans_per_volume: int = _at_least(1, 9)  # B-scans per volume (the central ones show the fovea)
+    height: int = _at_least(128, 496)  # pixels along z (depth), like Spectralis
+    width: int = _at_least(64, 512)  # A-scans per B-scan, like Spectralis
+    spacing_x_um: float = _positive(11.5)  # A-scan spacing; resampled to 22 µm this is ~256 columns
+    pathology_burden: float = _positive(1.0)  # scales the number and size of lesions
+    pathologies: list[str] = field(
+        default_factory=lambda: ["intraretinal_fluid", "subretinal_fluid", "foci", "drusen"],
+        metadata={
+            "each_of": ("intraretinal_fluid", "subretinal_fluid", "foci", "drusen"),
+        },
+    )  # the lesion types pathological subjects draw from
+    volume_format: str = _choices("npy", "tiff", default="npy")  # how volumes are written
+    write_png_bscans: bool = False  # also write every B-scan as a PNG (public-dataset layout)
+    val_fraction: float = _unit(0.2)  # share of healthy subjects put in `val`
+    seed: int = 0  # the same seed writes the same bytes
+
+
+@dataclass
+class PreprocessConfig:
+    """Manifest -> patch table (``anogan-ray preprocess``)."""
+
+    target_spacing_um: float = _positive(22.0)  # resample OCT along x to this A-scan spacing
+    patch_size: int = _choices(64, default=64)  # the paper's 64 x 64 patches
+    patches_per_bscan: int = _at_least(1, 16)  # train split: K random patches centred in the retina
+    grid_stride: int = _at_least(1, 32)  # val/test splits: grid stride covering the whole retina
+    retina_margin: int = _at_least(0, 8)  # pixels kept above the ILM and below the RPE
+    rows_per_file: int = _at_least(1, 50_000)  # Parquet rows per output file (upper bound)
+    seed: int = 0  # random patch positions depend only on this and the patch's B-scan
+
+
+@dataclass
+class ModelConfig:
+    """The DCGAN (paper: channels 512-256-128-64, 5 x 5 filters, 64 x 64 patches)."""
+
+    latent_dim: int = _at_least(1, 100)  # size of z
+    base_channels: int = _at_least(1, 64)  # D: base, 2x, 4x, 8x; G mirrors it (paper: 64)
+    kernel_size: int = _choices(4, 5, default=5)  # paper: 5 x 5 filters
+    image_size: int = _choices(64, default=64)  # patch side in pixels
+    latent_prior: str = _choices("normal", "uniform", default="normal")  # distribution of z
+
+
+@dataclass
+class TrainConfig:
+    """Adversarial training with Ray Train (``anogan-ray train``)."""
+
+    epochs: int = _at_least(1, 20)  # passes over the training patches (reviews report 20)
+    batch_size: int = _at_least(1, 64)  # per worker
+    lr_generator: float = _positive(2e-4)  # Adam learning rate of G
+    lr_discriminator: float = _positive(2e-4)  # Adam learning rate of D
+    beta1: float = _unit(0.5)  # Adam beta1, as in DCGAN
+    num_workers: int = _at_least(1, 1)  # DDP workers
+    use_gpu: bool = False  # one GPU per worker (NCCL) instead of CPU (gloo)
+    checkpoint_every: int = _at_least(1, 200)  # steps between checkpoints
+    max_steps: int = _at_least(0, 0)  # stop after this many steps (0: no limit)
+    run_name: str = "anogan"  # re-running with the same name resumes
+    max_failures: int = _at_least(0, 2)  # worker failures tolerated (restart from checkpoint)
+    seed: int = 0
+
+
+@dataclass
+class ScoreConfig:
+    """Latent inversion and anomaly scores (``anogan-ray score``)."""
+
+    lambda_: float = _unit(0.1)  # weight of the discrimination loss, eqs. (5) and (6)
+    steps: int = _at_least(1, 500)  # Γ: optimization steps on z
+    z_lr: float = _positive(0.01)  # Adam learning rate of z (the paper does not give one)
+    batch_size: int = _at_least(1, 64)  # patches inverted together (scores do not depend on it)
+    num_actors: int = _at_least(0, 0)  # scoring actors (0: one per GPU, or per 2 CPUs)
+    reference_score: bool = False  # also run the GAN_R mapping (Yeh et al. discrimination loss)
+    save_z: bool = False  # keep the final z in the score table
+    splits: list[str] = field(
+        default_factory=lambda: ["val", "test"], metadata={"each_of": ("train", "val", "test")}
+    )  # which splits of the patch table to score
+    device: str = _choices("auto", "cpu", "cuda", default="auto")  # where inversion runs
+    fast_math: bool = False  # on GPU: TF32 matmuls (checked against fp32 scores)
+
+
+@dataclass
+class TuneConfig:
+    """Hyperparameter sweep with Ray Tune (``anogan-ray tune``)."""
+
+    num_samples: int = _at_least(1, 8)  # trials
+    lr_generator: list[float] = field(default_factory=lambda: [1e-4, 1e-3])  # log-uniform range
+    lr_discriminator: list[float] = field(default_factory=lambda: [1e-4, 1e-3])  # log-uniform
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3])  # grid over λ
+    scheduler: str = _choices("asha", "fifo", default="asha")  # ASHA stops weak trials early
+    grace_period: int = _at_least(1, 1)  # epochs before ASHA may stop a trial
+    max_concurrent: int = _at_least(1, 2)  # trials at once
+
+
+@dataclass
+class Config:
+    """A whole run: one section per stage."""
+
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
+    key = f"{section}.{f.name}"
+    expected = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if expected == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif expected == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif expected == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif expected == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    elif expected.startswith("list"):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if expected == "list[float]":
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"{key}: expected a list of numbers, got {value!r}")
+            value = [float(v) for v in value]
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {allowed}")
+    if "each_of" in meta:
+        bad = [v for v in value if v not in meta["each_of"]]
+        if bad or not value:
+            allowed = ", ".join(repr(c) for c in meta["each_of"])
+            raise ConfigError(
+                f"{key}: {bad or value!r} not allowed; use a non-empty list of {allowed}"
+            )
+    if "min" in meta:
+        low = meta["min"]
+        if value < low or (meta.get("exclusive") and value == low):
+            relation = "greater than" if meta.get("exclusive") else "at least"
+            raise ConfigError(f"{key}: {value!r} must be {relation} {low}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key}: {value!r} must be at most {meta['max']}")
+    return value
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{name}.{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(fields))}"
+        )
+    instance = cls()
+    for key, value in values.items():
+        setattr(instance, key, _check_value(name, fields[key], value))
+    for f in fields.values():  # defaults are checked too, so a bad preset fails loudly
+        _check_value(name, f, getattr(instance, f.name))
+    return instance
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from a mapping ``{section: {key: value}}``."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown section; allowed sections are {', '.join(sections)}"
+        )
+    built = {}
+    for name, f in sections.items():
+        cls = f.default_factory().__class__  # type: ignore[misc]
+        built[name] = _build_section(name, cls, data.get(name) or {})
+    return Config(**built)
+
+
+def _read_preset(name: str) -> dict[str, Any]:
+    text = importlib.resources.files("anogan_ray").joinpath(f"presets/{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides; values are parsed as YAML (``0.1``, ``[a, b]``)."""
+    data = {k: dict(v or {}) for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(
+                f"override {item!r}: expected section.key=value, e.g. score.steps=100"
+            )
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})[key] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def load_config(preset_or_path: str = "demo", overrides: list[str] | None = None) -> Config:
+    """Load a preset by name or a YAML file by path, then apply overrides.
+
+    Args:
+        preset_or_path: ``tiny``, ``demo``, ``paper`` or the path of a YAML file.
+        overrides: ``section.key=value`` strings, applied in order.
+    """
+    if preset_or_path in PRESETS:
+        data = _read_preset(preset_or_path)
+    else:
+        path = Path(preset_or_path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config {preset_or_path!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file"
+            )
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(apply_overrides(data, overrides or []))

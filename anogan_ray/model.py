@@ -1,0 +1,237 @@
+"""The DCGAN of AnoGAN and its model bundle (plain PyTorch; no Ray).
+
+Paper: G maps z to a 64 x 64 gray patch with 4 fractionally-strided convolutions,
+channels 512-256-128-64, 5 x 5 filters, tanh output; D has 4 convolutions 64-128-256-512
+and outputs the probability that a patch is real. ``ModelConfig.base_channels`` = 64 is exactly
+the paper; smaller values give the tiny models the tests use.
+
+The model bundle (DESIGN.md §3.3) is a folder:
+    config.json          architecture, normalization, training run and data fingerprint
+    generator.pt         G's state dict (tensors only; loaded with ``weights_only=True``)
+    discriminator.pt     D's state dict
+    bundle.json          sha256 of each file and ``model_id``, a hash over all three
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from anogan_ray import storage
+from anogan_ray.config import ModelConfig
+
+BUNDLE_FORMAT = 1
+_BUNDLE_FILES = ("config.json", "generator.pt", "discriminator.pt")
+
+
+class BundleError(ValueError):
+    """A model bundle that is missing, tampered with or incompatible."""
+
+
+def _padding(kernel_size: int) -> tuple[int, int]:
+    """(padding, output_padding) so that a stride-2 (transposed) conv halves (doubles) the size."""
+    return (2, 1) if kernel_size == 5 else (1, 0)
+
+
+class Generator(nn.Module):
+    """z (B, latent_dim) -> patch (B, 1, 64, 64) in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.base_channels
+        k = cfg.kernel_size
+        pad, out_pad = _padding(k)
+        self.latent_dim = cfg.latent_dim
+        self.project = nn.Sequential(  # z -> (8c) x 4 x 4, DCGAN's projection and reshape
+            nn.Linear(cfg.latent_dim, 8 * c * 4 * 4, bias=False),
+            nn.Unflatten(1, (8 * c, 4, 4)),
+            nn.BatchNorm2d(8 * c),
+            nn.ReLU(inplace=True),
+        )
+
+        def up(cin: int, cout: int, last: bool = False) -> list[nn.Module]:
+            conv = nn.ConvTranspose2d(cin, cout, k, 2, pad, out_pad, bias=last)
+            return [conv, nn.Tanh()] if last else [conv, nn.BatchNorm2d(cout), nn.ReLU(True)]
+
+        self.upsample = nn.Sequential(
+            *up(8 * c, 4 * c),  # state size. (4c) x 8 x 8
+            *up(4 * c, 2 * c),  # state size. (2c) x 16 x 16
+            *up(2 * c, c),  # state size. c x 32 x 32
+            *up(c, 1, last=True),  # state size. 1 x 64 x 64
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.project(z))
+
+
+class Discriminator(nn.Module):
+    """patch (B, 1, 64, 64) -> logit (B,); ``features`` is its last convolution layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.base_channels
+        k = cfg.kernel_size
+        pad, _ = _padding(k)
+
+        def down(cin: int, cout: int, norm: bool = True) -> list[nn.Module]:
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, 2, pad, bias=not norm)]
+            if norm:
+                layers.append(nn.BatchNorm2d(cout))
+            return [*layers, nn.LeakyReLU(0.2, inplace=True)]
+
+        self.convs = nn.Sequential(
+            *down(1, c, norm=False),  # state size. c x 32 x 32 (no BatchNorm on D's input, DCGAN)
+            *down(c, 2 * c),  # state size. (2c) x 16 x 16
+            *down(2 * c, 4 * c),  # state size. (4c) x 8 x 8
+            *down(4 * c, 8 * c),  # state size. (8c) x 4 x 4
+        )
+        self.classify = nn.Sequential(nn.Flatten(), nn.Linear(8 * c * 4 * 4, 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x) of eq. (4): the last convolution layer's activations, (B, 8c, 4, 4)."""
+        return self.convs(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x)).squeeze(1)  # (B,) logits; sigmoid -> D(x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN initialization: conv/linear weights N(0, 0.02), BatchNorm scale N(1, 0.02), bias 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build_models(cfg: ModelConfig, seed: int = 0) -> tuple[Generator, Discriminator]:
+    """A freshly initialized (G, D) pair; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    generator, discriminator = Generator(cfg), Discriminator(cfg)
+    generator.apply(init_weights)
+    discriminator.apply(init_weights)
+    return generator, discriminator
+
+
+def sample_latent(
+    n: int, cfg: ModelConfig, generator: torch.Generator | None = None, device: Any = "cpu"
+) -> torch.Tensor:
+    """n draws from the latent prior, (n, latent_dim)."""
+    shape = (n, cfg.latent_dim)
+    if cfg.latent_prior == "uniform":
+        return torch.rand(shape, generator=generator, device=device) * 2 - 1
+    return torch.randn(shape, generator=generator, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model bundle
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelBundle:
+    """A frozen, trained (G, D) pair with its configuration and content hash."""
+
+    generator: Generator
+    discriminator: Discriminator
+    model_config: ModelConfig
+    metadata: dict[str, Any]  # training run id, data fingerprint, normalization, ...
+    model_id: str
+
+    def to(self, device: Any) -> ModelBundle:
+        self.generator.to(device)
+        self.discriminator.to(device)
+        return self
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _model_id(file_hashes: dict[str, str]) -> str:
+    joined = "".join(f"{name}:{file_hashes[name]};" for name in _BUNDLE_FILES)
+    return _sha256(joined.encode())[:16]
+
+
+def _state_bytes(module: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
+def save_bundle(
+    url: str,
+    generator: Generator,
+    discriminator: Discriminator,
+    model_cfg: ModelConfig,
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """Write a model bundle folder at ``url`` and return its ``model_id``.
+
+    The caller exports BatchNorm statistics that are final (see the training stage).
+    """
+    config = {
+        "format": BUNDLE_FORMAT,
+        "model": asdict(model_cfg),
+        "normalization": "uint8 pixels / 127.5 - 1, i.e. [-1, 1]",
+        "metadata": metadata or {},
+    }
+    contents = {
+        "config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
+        "generator.pt": _state_bytes(generator),
+        "discriminator.pt": _state_bytes(discriminator),
+    }
+    hashes = {name: _sha256(data) for name, data in contents.items()}
+    model_id = _model_id(hashes)
+    storage.makedirs(url)
+    for name, data in contents.items():
+        storage.write_bytes(storage.join(url, name), data)
+    storage.write_json(storage.join(url, "bundle.json"), {"model_id": model_id, "sha256": hashes})
+    return model_id
+
+
+def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
+    """Load a bundle, verify every file's hash, and return G and D frozen in eval mode.
+
+    Raises:
+        BundleError: a file is missing, was changed after export, or the architecture does not
+            match the weights.
+    """
+    try:
+        index = storage.read_json(storage.join(url, "bundle.json"))
+        contents = {name: storage.read_bytes(storage.join(url, name)) for name in _BUNDLE_FILES}
+    except (FileNotFoundError, OSError) as err:
+        raise BundleError(f"model bundle {url}: cannot read it ({err})") from err
+    except json.JSONDecodeError as err:
+        raise BundleError(f"model bundle {url}: bundle.json is not valid JSON ({err})") from err
+    for name, data in contents.items():
+        if _sha256(data) != index.get("sha256", {}).get(name):
+            raise BundleError(f"model bundle {url}: {name} does not match its recorded sha256")
+    model_id = _model_id(index["sha256"])
+    if model_id != index.get("model_id"):
+        raise BundleError(f"model bundle {url}: model_id does not match the files' hashes")
+    config = json.loads(contents["config.json"])
+    if config.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"model bundle {url}: format {config.get('format')!r} is not supported")
+    try:
+        model_cfg = ModelConfig(**config["model"])
+    except TypeError as err:
+        raise BundleError(f"model bundle {url}: incompatible model config ({err})") from err
+    generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
+    for module, name in ((generator, "generator.pt"), (discriminator, "discriminator.pt")):
+        state = torch.load(io.BytesIO(contents[name]), map_location="cpu", weights_only=True)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as err:
+            raise BundleError(f"model bundle {url}: {name} does not fit the config: {err}") from err
+        module.eval().requires_grad_(False)
+    bundle = ModelBundle(generator, discriminator, model_cfg, config["metadata"], model_id)
+    return bundle.to(device)

@@ -1,0 +1,26 @@
+"""The Ray layer: each stage is a Ray program over files; the torch/numpy core never imports Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the Ray cluster in ``RAY_ADDRESS`` (a job on a cluster), or start a local one.
+
+    Inside ``ray job submit`` Ray is reached through ``RAY_ADDRESS``; on a laptop, in tests and
+    in the demo a local Ray starts here. An already initialized Ray (a test fixture) is reused.
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    log.info("ray resources: %s", ray.cluster_resources())

@@ -1,0 +1,127 @@
+"""The one filesystem helper: every read and write in anogan-ray goes through here.
+
+A location is a URL: a local path (``out/scores``, ``/data/cohort``, ``file:///data``) or
+``s3://bucket/prefix``. S3 endpoint, region and credentials come only from the standard AWS
+environment variables and config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_PROFILE``, instance profiles, ...); nothing here takes or prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import IO, Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+_S3_SCHEMES = ("s3://", "s3a://")
+
+
+def is_remote(url: str) -> bool:
+    """True for object-storage URLs (``s3://``)."""
+    return url.startswith(_S3_SCHEMES)
+
+
+def _s3_filesystem() -> fsspec.AbstractFileSystem:
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:  # botocore also reads these; passing it on keeps older aiobotocore in step
+        kwargs["endpoint_url"] = endpoint
+    # cache_regions off and no listing cache: a job must see objects other processes just wrote
+    return fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True, **kwargs)
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` and the path inside it (no scheme for s3)."""
+    if is_remote(url):
+        return _s3_filesystem(), url.split("://", 1)[1].rstrip("/")
+    path = url[len("file://") :] if url.startswith("file://") else url
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+
+
+def arrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem (usable as Ray Data's ``filesystem=``) and the path inside it."""
+    fs, path = filesystem(url)
+    if is_remote(url):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.LocalFileSystem(), path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL, keeping the scheme."""
+    if is_remote(url):
+        return posixpath.join(url.rstrip("/"), *parts)
+    return os.path.join(url, *parts)
+
+
+def resolve(url: str, base: str) -> str:
+    """Resolve ``url`` against the folder ``base`` unless it is absolute or remote."""
+    if is_remote(url) or url.startswith("file://") or os.path.isabs(url):
+        return url
+    return join(base, url)
+
+
+def parent(url: str) -> str:
+    """The folder that holds ``url``."""
+    if is_remote(url):
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+    return os.path.dirname(os.path.abspath(url))
+
+
+def open_file(url: str, mode: str = "rb") -> IO:
+    """Open ``url`` for reading or writing; folders are created for writes."""
+    fs, path = filesystem(url)
+    if "w" in mode and not is_remote(url):
+        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    return fs.open(path, mode)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    """Create a folder (a no-op on object storage, where folders are prefixes)."""
+    fs, path = filesystem(url)
+    if not is_remote(url):
+        fs.makedirs(path, exist_ok=True)
+
+
+def remove(url: str) -> None:
+    """Delete a file or a whole folder, if it exists."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_files(url: str, suffix: str = "") -> list[str]:
+    """All files under ``url`` (recursively) whose name ends with ``suffix``, as URLs, sorted."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    found = fs.find(path)
+    prefix = "s3://" if is_remote(url) else ""
+    return sorted(prefix + p for p in found if p.endswith(suffix))
+
+
+def read_bytes(url: str) -> bytes:
+    with open_file(url, "rb") as f:
+        return f.read()
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with open_file(url, "wb") as f:
+        f.write(data)
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url).decode())
+
+
+def write_json(url: str, data: Any) -> None:
+    """Write ``data`` as indented JSON (``summary.json`` and friends)."""
+    write_bytes(url, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
