@@ -1,0 +1,301 @@
+"""Cohort manifest -> patch table, with Ray Data (``anogan-ray preprocess``, ``jobs/preprocess.py``).
+
+The unit of work is one volume: the manifest becomes a dataset with one row (and one block) per
+volume, and :func:`anogan_ray.retina.preprocess_volume` turns each into patch rows (training mode
+for split ``train``, the scoring grid for ``val`` / ``test``; see :mod:`anogan_ray.retina`).
+
+Output layout of :func:`preprocess` under the stage folder ``out`` (local or ``s3://``):
+
+* ``out/patches/split=<split>/*.parquet``: the patch table (DESIGN.md §3.2), Hive-partitioned by
+  ``split``; files hold up to ``rows_per_file`` rows (and at least that many, or what is left,
+  where the data allows). Read it back with :func:`read_patch_table`, which restores ``split``.
+* ``out/rejects/rejects.parquet``: one row per volume that could not be used (``source``,
+  ``volume_id``, ``reason``); always written, empty when nothing was rejected.
+* ``out/geometry/geometry.parquet``: per B-scan, the x scale and the per-column flattening shift
+  that map a patch back to the original B-scan (see :class:`anogan_ray.retina.BscanGeometry`).
+* ``out/summary.json``: counts, rejects, timings; written last, so its presence marks a finished run.
+
+Re-runs are idempotent: the stage folder's outputs are deleted before the new ones are written,
+and patch ids and random positions depend only on the inputs and ``cfg.seed``, so a re-run
+writes the same set of rows, never duplicates. (A run that dies midway leaves no ``summary.json``.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data.datasource.partitioning import Partitioning
+
+from anogan_ray import storage
+from anogan_ray.config import PreprocessConfig
+from anogan_ray.patches import PATCH_COLUMNS
+from anogan_ray.pipelines import ensure_ray
+from anogan_ray.retina import STEPS, VolumePatches, preprocess_volume
+from anogan_ray.volumes import SPLITS, VolumeError, read_manifest
+
+log = logging.getLogger(__name__)
+
+REJECT_COLUMNS = ("source", "volume_id", "reason")
+
+
+def _record_url(records_url: str, volume_id: str) -> str:
+    return storage.join(records_url, hashlib.sha1(volume_id.encode()).hexdigest() + ".json")
+
+
+def _empty_columns(cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    size = cfg.patch_size
+    return {
+        "patch_id": np.array([], dtype=object),
+        "subject_id": np.array([], dtype=object),
+        "volume_id": np.array([], dtype=object),
+        "bscan": np.array([], dtype=np.int32),
+        "y": np.array([], dtype=np.int32),
+        "x": np.array([], dtype=np.int32),
+        "split": np.array([], dtype=object),
+        "pixels": np.zeros((0, size, size), dtype=np.uint8),
+        "label": np.array([], dtype=np.int8),
+        "anomaly_fraction": np.array([], dtype=np.float32),
+        "source": np.array([], dtype=object),
+    }
+
+
+def _volume_record(
+    record: dict[str, Any], result: VolumePatches | None, reason: str | None
+) -> dict:
+    """What the driver needs to know about one volume (summary, rejects, geometry)."""
+    summary: dict[str, Any] = {
+        "volume_id": record["volume_id"],
+        "source": record["path"],
+        "split": record["split"],
+        "reason": reason,
+    }
+    if result is not None:
+        summary.update(
+            bscans=result.bscans,
+            patches=result.num_patches,
+            timings=result.timings,
+            geometry=[
+                {
+                    "volume_id": record["volume_id"],
+                    "bscan": g.bscan,
+                    "x_scale": g.x_scale,
+                    "bm_row": g.bm_row,
+                    "shift": g.shifts.tolist(),
+                    "ilm": g.ilm.round(2).tolist(),
+                    "bm": g.bm.round(2).tolist(),
+                }
+                for g in result.geometry
+            ],
+        )
+    return summary
+
+
+def _patches_of_volumes(
+    batch: dict[str, np.ndarray], cfg: PreprocessConfig, records_url: str
+) -> dict:
+    """Ray Data UDF: a batch of manifest rows -> their patch rows.
+
+    Each volume's outcome (patch count, timings, geometry, or its reject reason) is written to
+    ``records_url`` as a small JSON file named after the volume, so a retried task rewrites the
+    same file.
+    """
+    parts = []
+    for index in range(len(batch["volume_id"])):
+        record = {key: _plain(values[index]) for key, values in batch.items()}
+        try:
+            result = preprocess_volume(record, cfg)
+            reason = None
+        except VolumeError as exc:
+            result, reason = None, str(exc)
+        except Exception as exc:  # a bug or an exotic file must not stop the cohort
+            log.exception("volume %s failed", record["volume_id"])
+            result, reason = None, f"processing failed ({type(exc).__name__}: {exc})"
+        storage.write_json(
+            _record_url(records_url, record["volume_id"]), _volume_record(record, result, reason)
+        )
+        if result is not None and result.num_patches:
+            parts.append(result.columns)
+    if not parts:
+        return _empty_columns(cfg)
+    return {name: np.concatenate([part[name] for part in parts]) for name in PATCH_COLUMNS}
+
+
+def _plain(value: Any) -> Any:
+    """numpy / pandas scalars -> Python values (None for missing)."""
+    if value is None:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _write_table(url: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(url, buffer.getvalue())
+
+
+def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]:
+    """Preprocess a cohort: manifest -> patch table, rejects, geometry and ``summary.json``.
+
+    Args:
+        manifest: the cohort manifest (CSV or Parquet, local or ``s3://``; DESIGN.md §3.1).
+        out: the stage folder (local or ``s3://``); see the module docstring for its layout.
+        cfg: the preprocess configuration.
+
+    Returns:
+        The summary (also written to ``out/summary.json``).
+
+    Raises:
+        anogan_ray.volumes.ManifestError: the manifest is unusable (before any volume is read).
+    """
+    started = time.perf_counter()
+    frame = read_manifest(manifest)
+    ensure_ray()
+
+    patches_url = storage.join(out, "patches")
+    records_url = storage.join(out, "_volumes")
+    # one filesystem for the driver's many small operations (each new s3fs one costs a session)
+    fs, root = storage.filesystem(out)
+    stale = [
+        f"{root}/{name}" for name in ("summary.json", "patches", "rejects", "geometry", "_volumes")
+    ]
+    present = {p.rstrip("/") for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
+    stale = [path for path in stale if path in present]
+    if stale:
+        fs.rm(stale, recursive=True)
+
+    records = [
+        {
+            "subject_id": row["subject_id"],
+            "volume_id": row["volume_id"],
+            "path": row["path"],
+            "modality": row["modality"],
+            "split": row["split"],
+            "spacing_x_um": None if math.isnan(row["spacing_x_um"]) else float(row["spacing_x_um"]),
+            "mask_path": row["mask_path"] or "",
+        }
+        for row in frame.to_dict("records")
+    ]
+    arrow_fs, arrow_path = storage.arrow_filesystem(patches_url)
+    volumes = ray.data.from_items(records, override_num_blocks=max(1, len(records)))
+    patches = volumes.map_batches(
+        _patches_of_volumes,
+        batch_size=1,  # one volume per task: the unit of work and of failure
+        batch_format="numpy",
+        fn_kwargs={"cfg": cfg, "records_url": records_url},
+    )
+    patches.write_parquet(
+        arrow_path,
+        filesystem=arrow_fs,
+        partition_cols=["split"],
+        min_rows_per_file=cfg.rows_per_file,
+        max_rows_per_file=cfg.rows_per_file,
+    )
+
+    record_root = f"{root}/_volumes"
+    record_files = sorted(fs.find(record_root)) if fs.exists(record_root) else []
+    outcomes = [json.loads(data) for data in fs.cat(record_files).values()] if record_files else []
+    outcomes.sort(key=lambda o: o["volume_id"])
+    rejects = [o for o in outcomes if o["reason"] is not None]
+    done = [o for o in outcomes if o["reason"] is None]
+    missing = set(frame["volume_id"]) - {o["volume_id"] for o in outcomes}
+    if missing:  # cannot happen unless a task died without Ray noticing
+        raise RuntimeError(f"preprocess: no outcome recorded for volumes {sorted(missing)}")
+
+    _write_table(
+        storage.join(out, "rejects", "rejects.parquet"),
+        pa.table({c: pa.array([o[c] for o in rejects], pa.string()) for c in REJECT_COLUMNS}),
+    )
+    geometry = [g for o in done for g in o["geometry"]]
+    _write_table(
+        storage.join(out, "geometry", "geometry.parquet"),
+        pa.table(
+            {
+                "volume_id": pa.array([g["volume_id"] for g in geometry], pa.string()),
+                "bscan": pa.array([g["bscan"] for g in geometry], pa.int32()),
+                "x_scale": pa.array([g["x_scale"] for g in geometry], pa.float64()),
+                "bm_row": pa.array([g["bm_row"] for g in geometry], pa.int32()),
+                "shift": pa.array([g["shift"] for g in geometry], pa.list_(pa.int32())),
+                "ilm": pa.array([g["ilm"] for g in geometry], pa.list_(pa.float32())),
+                "bm": pa.array([g["bm"] for g in geometry], pa.list_(pa.float32())),
+            }
+        ),
+    )
+    if record_files:
+        fs.rm(record_root, recursive=True)
+
+    elapsed = time.perf_counter() - started
+    step_seconds = {step: round(sum(o["timings"][step] for o in done), 4) for step in STEPS}
+    bscans = sum(o["bscans"] for o in done)
+    summary = {
+        "manifest": manifest,
+        "out": out,
+        "patches": patches_url,
+        "volumes": len(records),
+        "volumes_read": len(done),
+        "volumes_rejected": len(rejects),
+        "rejects": [{c: o[c] for c in REJECT_COLUMNS} for o in rejects],
+        "bscans": bscans,
+        "patches_written": sum(o["patches"] for o in done),
+        "patches_per_split": {
+            split: sum(o["patches"] for o in done if o["split"] == split)
+            for split in SPLITS
+            if any(o["split"] == split for o in done)
+        },
+        "seconds": round(elapsed, 3),
+        "step_seconds": step_seconds,
+        "config": {key: getattr(cfg, key) for key in cfg.__dataclass_fields__},
+    }
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    log.info(
+        "preprocess: %d volumes read, %d rejected, %d patches in %.1fs",
+        len(done),
+        len(rejects),
+        summary["patches_written"],
+        elapsed,
+    )
+    return summary
+
+
+def read_patch_table(url: str, splits: list[str] | None = None) -> ray.data.Dataset:
+    """Read a patch table written by :func:`preprocess`, with the ``split`` column.
+
+    Args:
+        url: the preprocess stage folder, or its ``patches`` folder.
+        splits: keep only these splits (``None``: all).
+
+    Returns:
+        A dataset with the columns of :data:`anogan_ray.patches.PATCH_COLUMNS`; ``pixels`` is a
+        ``(64, 64)`` uint8 tensor column.
+    """
+    ensure_ray()
+    if storage.exists(storage.join(url, "patches")):
+        url = storage.join(url, "patches")
+    # list the files once ourselves (one listing call; Ray's own discovery is slow on s3fs)
+    files = storage.list_files(url, ".parquet")
+    if splits is not None:
+        wanted = {f"split={split}" for split in splits}
+        files = [f for f in files if any(part in wanted for part in f.split("/"))]
+    if not files:
+        raise FileNotFoundError(f"no patch table files under {url} (splits: {splits or 'all'})")
+    fs, path = storage.arrow_filesystem(url)
+    paths = [storage.arrow_filesystem(f)[1] for f in files]
+    dataset = ray.data.read_parquet(
+        paths,
+        filesystem=fs,
+        partitioning=Partitioning("hive", base_dir=path, filesystem=fs),
+    )
+    return dataset.select_columns(list(PATCH_COLUMNS))

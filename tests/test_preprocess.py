@@ -1,0 +1,147 @@
+"""Cohort -> patch table with Ray Data: S3 round trip, bad input, re-runs, file sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from anogan_ray import phantom, storage
+from anogan_ray.patches import PATCH_COLUMNS
+from anogan_ray.pipelines.preprocess import preprocess, read_patch_table
+from anogan_ray.volumes import ManifestError
+
+
+def _table(url: str, splits: list[str] | None = None) -> pd.DataFrame:
+    return read_patch_table(url, splits).drop_columns(["pixels"]).to_pandas()
+
+
+def _rejects(out: str) -> pd.DataFrame:
+    return pq.read_table(
+        io.BytesIO(storage.read_bytes(storage.join(out, "rejects", "rejects.parquet")))
+    ).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def local_cohort(tmp_path_factory, tiny_config) -> str:
+    folder = str(tmp_path_factory.mktemp("cohort"))
+    phantom.write_cohort(tiny_config.phantom, folder)
+    return folder
+
+
+def test_cohort_from_s3_to_s3(ray_local, bucket, tiny_config):
+    cohort = f"{bucket}/cohort"
+    small = dataclasses.replace(
+        tiny_config.phantom, healthy_subjects=2, pathological_subjects=1, bscans_per_volume=2
+    )  # moto is slow: a train, a healthy test and a pathological test volume
+    phantom.write_cohort(small, cohort)
+    out = f"{bucket}/stage/preprocess"
+    summary = preprocess(f"{cohort}/manifest.csv", out, tiny_config.preprocess)
+
+    manifest = pd.read_csv(io.BytesIO(storage.read_bytes(f"{cohort}/manifest.csv")))
+    assert summary["volumes_read"] == len(manifest) and summary["volumes_rejected"] == 0
+    table = read_patch_table(out).to_pandas()
+    assert len(table) == summary["patches_written"] > 0
+    assert table["pixels"].iloc[0].shape == (64, 64)
+    assert table["pixels"].iloc[0].dtype == np.uint8
+    assert table["patch_id"].is_unique
+    assert set(table["volume_id"]) == set(manifest["volume_id"])
+    assert list(table.columns) == list(PATCH_COLUMNS)
+    # each volume's rows carry its split; training volumes got K patches per B-scan
+    splits = dict(zip(manifest["volume_id"], manifest["split"]))
+    assert (table["split"] == table["volume_id"].map(splits)).all()
+    per_volume = table[table["split"] == "train"].groupby("volume_id").size()
+    k, bscans = tiny_config.preprocess.patches_per_bscan, small.bscans_per_volume
+    assert (per_volume == k * bscans).all()
+    # the pathological test volumes have anomalous patches, the healthy ones none
+    labels = dict(zip(manifest["volume_id"], manifest["label"]))
+    test = table[table["split"] == "test"]
+    anomalous = test.groupby("volume_id")["label"].max()
+    assert sorted(anomalous.tolist()) == [0, 1]
+    assert all(anomalous[v] == labels[v] for v in anomalous.index)
+    assert storage.read_json(f"{out}/summary.json")["patches_written"] == len(table)
+
+
+def test_bad_inputs_are_rejected_and_the_rest_is_written(
+    ray_local, local_cohort, tmp_path, tiny_config
+):
+    manifest = pd.read_csv(f"{local_cohort}/manifest.csv")
+    corrupt, wrong_mask, *good = manifest["volume_id"].tolist()
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    rows = manifest.copy()
+    rows["path"] = [f"{local_cohort}/{p}" for p in rows["path"]]
+    rows["mask_path"] = [f"{local_cohort}/{p}" for p in rows["mask_path"]]
+    # a truncated volume, a mask of the wrong shape, and a file that is not there
+    data = storage.read_bytes(rows.loc[0, "path"])
+    (folder / "corrupt.npy").write_bytes(data[: len(data) // 2])
+    rows.loc[0, "path"] = str(folder / "corrupt.npy")
+    np.save(folder / "small_mask.npy", np.zeros((1, 10, 10), np.uint8))
+    rows.loc[1, "mask_path"] = str(folder / "small_mask.npy")
+    extra = [
+        dict(rows.iloc[2], volume_id="missing", path=str(folder / "missing.npy")),
+        dict(rows.iloc[2], volume_id="no_spacing", spacing_x_um=None),
+    ]
+    np.save(folder / "nan.npy", np.full((2, 80, 80), np.nan, np.float32))
+    extra.append(dict(rows.iloc[2], volume_id="nan", path=str(folder / "nan.npy"), mask_path=None))
+    np.save(folder / "flat.npy", np.full((2, 80, 80), 9, np.uint8))
+    extra.append(
+        dict(rows.iloc[2], volume_id="flat", path=str(folder / "flat.npy"), mask_path=None)
+    )
+    rows = pd.concat([rows, pd.DataFrame(extra)], ignore_index=True)
+    rows.to_csv(folder / "manifest.csv", index=False)
+
+    out = str(tmp_path / "out")
+    summary = preprocess(str(folder / "manifest.csv"), out, tiny_config.preprocess)
+
+    reasons = dict(zip(_rejects(out)["volume_id"], _rejects(out)["reason"]))
+    assert set(reasons) == {corrupt, wrong_mask, "missing", "no_spacing", "nan", "flat"}
+    assert "truncated" in reasons[corrupt]
+    assert "mask shape (1, 10, 10) differs" in reasons[wrong_mask]
+    assert reasons["missing"] == "missing file"
+    assert "spacing" in reasons["no_spacing"]
+    assert reasons["nan"] == "contains NaN"
+    assert reasons["flat"] == "constant image"
+    assert summary["volumes_rejected"] == 6 and summary["volumes_read"] == len(good)
+    assert {r["volume_id"] for r in summary["rejects"]} == set(reasons)
+    table = _table(out)
+    assert set(table["volume_id"]) == set(good)
+    assert len(table) == summary["patches_written"]
+
+
+def test_rerun_writes_the_same_patch_ids(ray_local, local_cohort, tmp_path, tiny_config):
+    out = str(tmp_path / "out")
+    cfg = dataclasses.replace(tiny_config.preprocess, rows_per_file=40)
+    first = preprocess(f"{local_cohort}/manifest.csv", out, cfg)
+    first_ids = _table(out)["patch_id"].tolist()
+    second = preprocess(f"{local_cohort}/manifest.csv", out, cfg)
+    second_ids = _table(out)["patch_id"].tolist()
+    assert sorted(first_ids) == sorted(second_ids)  # the same rows, and no duplicates
+    assert len(set(second_ids)) == len(second_ids) == second["patches_written"]
+    assert first["patches_per_split"] == second["patches_per_split"]
+    # reading some splits gives exactly their rows, with the split column
+    scored = _table(out, ["val", "test"])
+    assert set(scored["split"]) == {"val", "test"}
+    assert len(scored) == second["patches_per_split"]["val"] + second["patches_per_split"]["test"]
+    # files hold up to rows_per_file rows, and not one small file per volume
+    for split, count in second["patches_per_split"].items():
+        files = storage.list_files(f"{out}/patches/split={split}", ".parquet")
+        rows = [pq.read_metadata(f).num_rows for f in files]
+        assert max(rows) <= 40 and sum(rows) == count
+        assert len(files) == -(-count // 40)
+
+
+def test_bad_manifest_fails_before_any_work(tmp_path, tiny_config):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "subject_id,volume_id,path,modality,spacing_x_um,split\n"
+        "s1,v1,a.npy,oct,11.5,train\n"
+        "s2,v1,b.npy,oct,11.5,test\n"
+    )
+    with pytest.raises(ManifestError, match="row 2, column 'volume_id'"):
+        preprocess(str(manifest), str(tmp_path / "out"), tiny_config.preprocess)
+    assert not (tmp_path / "out").exists()

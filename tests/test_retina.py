@@ -1,0 +1,337 @@
+"""Per-volume preprocessing (no Ray): readers, manifest checks, segmentation, flattening, patches."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from anogan_ray import phantom, retina, volumes
+from anogan_ray.config import PreprocessConfig
+from anogan_ray.patches import PATCH_COLUMNS, decode_pixels
+from anogan_ray.volumes import ManifestError, VolumeError
+
+# Segmentation bounds on the tiny phantom (256 x 256, resampled to 134 columns): mean absolute
+# error in pixels against the phantom's true boundaries, resampled along x like the image.
+ILM_MAE_BOUND = 1.5
+BM_MAE_BOUND = 2.0
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def phantom_cfg(tiny_config):
+    return tiny_config.phantom
+
+
+def _resampled_truth(
+    volume: phantom.PhantomVolume, spacing: float
+) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        retina.resample_x(volume.ilm, spacing, 22.0),
+        retina.resample_x(volume.bm, spacing, 22.0),
+    )
+
+
+@pytest.mark.parametrize(
+    ("subject", "pathological"), [(0, False), (1, False), (3, True), (4, True), (5, True)]
+)
+def test_segmentation_matches_phantom_boundaries(phantom_cfg, subject, pathological):
+    volume = phantom.generate_volume(phantom_cfg, subject, 0, pathological=pathological)
+    if pathological:
+        assert volume.mask.any(), "a pathological phantom volume must carry lesions"
+    image = retina.resample_x(retina.normalize_volume(volume.image), phantom_cfg.spacing_x_um, 22.0)
+    ilm, bm = retina.segment_retina(image)
+    true_ilm, true_bm = _resampled_truth(volume, phantom_cfg.spacing_x_um)
+    assert np.abs(ilm - true_ilm).mean() < ILM_MAE_BOUND
+    assert np.abs(bm - true_bm).mean() < BM_MAE_BOUND
+
+
+@pytest.mark.parametrize(("subject", "pathological"), [(1, False), (5, True)])
+def test_flattening_makes_bruchs_membrane_straight(phantom_cfg, subject, pathological):
+    volume = phantom.generate_volume(phantom_cfg, subject, 0, pathological=pathological)
+    image = retina.resample_x(retina.normalize_volume(volume.image), phantom_cfg.spacing_x_um, 22.0)
+    ilm, bm = retina.segment_retina(image)
+    bm_row = retina.flat_bm_row(ilm, bm, image.shape[1], margin=8)
+    shifts = retina.flatten_shifts(bm, bm_row)
+    _, true_bm = _resampled_truth(volume, phantom_cfg.spacing_x_um)
+    after = np.abs(true_bm + shifts - bm_row)  # the true BM's distance from the line, flattened
+    before = np.abs(true_bm - np.median(true_bm))  # ... and from its median row, unflattened
+    assert np.median(after) <= 1.0
+    assert after.mean() <= BM_MAE_BOUND
+    assert before.mean() >= 3 * after.mean()  # the phantom's BM is curved and tilted
+    # the image moved with it: flattening is a per-column shift of the pixels
+    flat = retina.flatten(image[0], shifts[0])
+    column = 40
+    shift = shifts[0, column]
+    assert np.array_equal(
+        flat[max(shift, 0) : 200, column], image[0, max(-shift, 0) : 200 - shift, column]
+    )
+
+
+def _write_volume(tmp_path, name, array) -> str:
+    path = tmp_path / name
+    np.save(path, array)
+    return str(path)
+
+
+def _record(volume_url, mask_url, split, volume_id="v0", spacing=11.5, modality="oct") -> dict:
+    return {
+        "subject_id": "s0",
+        "volume_id": volume_id,
+        "path": volume_url,
+        "modality": modality,
+        "split": split,
+        "spacing_x_um": spacing,
+        "mask_path": mask_url,
+    }
+
+
+@pytest.fixture(scope="module")
+def pathological_files(tmp_path_factory, phantom_cfg):
+    folder = tmp_path_factory.mktemp("volume")
+    volume = phantom.generate_volume(phantom_cfg, 4, 0, pathological=True)
+    return (
+        _write_volume(folder, "v.npy", volume.image),
+        _write_volume(folder, "m.npy", volume.mask),
+        volume,
+    )
+
+
+def _original_mask_under_patch(mask, geometry, y, x):
+    """The original mask pixels a flattened, resampled patch covers (mapped back, see retina)."""
+    values = []
+    for column in range(x, x + SIZE):
+        source_x = int(
+            np.clip(np.rint((column + 0.5) * geometry.x_scale - 0.5), 0, mask.shape[1] - 1)
+        )
+        rows = np.arange(y, y + SIZE) - geometry.shifts[column]
+        rows = rows[(rows >= 0) & (rows < mask.shape[0])]
+        values.append(mask[rows, source_x])
+    return np.concatenate(values)
+
+
+def test_training_patches_are_centred_in_the_retina(pathological_files):
+    volume_url, mask_url, volume = pathological_files
+    cfg = PreprocessConfig(patches_per_bscan=12)
+    result = retina.preprocess_volume(_record(volume_url, mask_url, "train"), cfg)
+    columns = result.columns
+    assert set(columns) == set(PATCH_COLUMNS)
+    assert result.num_patches == 12 * volume.image.shape[0]
+    assert len(set(columns["patch_id"])) == result.num_patches
+    assert columns["pixels"].shape == (result.num_patches, SIZE, SIZE)
+    assert columns["pixels"].dtype == np.uint8
+    for bscan, y, x in zip(columns["bscan"], columns["y"], columns["x"]):
+        geometry = result.geometry[bscan]
+        centre_y, centre_x = y + SIZE // 2, x + SIZE // 2
+        top = geometry.ilm[centre_x] + geometry.shifts[centre_x]
+        bottom = geometry.bm[centre_x] + geometry.shifts[centre_x]
+        assert top <= centre_y <= bottom
+        assert 0 <= y <= volume.image.shape[1] - SIZE
+        assert 0 <= x <= len(geometry.shifts) - SIZE
+
+
+def test_grid_patch_labels_agree_with_the_original_masks(pathological_files):
+    volume_url, mask_url, volume = pathological_files
+    cfg = PreprocessConfig(grid_stride=32)
+    result = retina.preprocess_volume(_record(volume_url, mask_url, "test"), cfg)
+    columns = result.columns
+    labels = columns["label"]
+    assert set(np.unique(labels)) == {0, 1}  # a lesion volume has both kinds of patches
+    for index in range(result.num_patches):
+        bscan, y, x = columns["bscan"][index], columns["y"][index], columns["x"][index]
+        under = _original_mask_under_patch(volume.mask[bscan], result.geometry[bscan], y, x)
+        assert labels[index] == int((under != 0).any())
+    fractions = columns["anomaly_fraction"]
+    assert np.all((fractions > 0) == (labels == 1))
+
+
+def test_grid_covers_the_whole_retina(pathological_files):
+    volume_url, mask_url, volume = pathological_files
+    cfg = PreprocessConfig(grid_stride=48)
+    result = retina.preprocess_volume(_record(volume_url, mask_url, "val"), cfg)
+    height = volume.image.shape[1]
+    for geometry in result.geometry:
+        width = len(geometry.shifts)
+        covered = np.zeros((height, width), dtype=bool)
+        mine = result.columns["bscan"] == geometry.bscan
+        for y, x in zip(result.columns["y"][mine], result.columns["x"][mine]):
+            covered[y : y + SIZE, x : x + SIZE] = True
+        rows = np.arange(height)[:, None]
+        retina_pixels = (rows >= geometry.ilm + geometry.shifts) & (
+            rows <= geometry.bm + geometry.shifts
+        )
+        assert covered[retina_pixels].all()
+
+
+def test_same_volume_gives_the_same_patches(pathological_files):
+    volume_url, mask_url, _ = pathological_files
+    cfg = PreprocessConfig(patches_per_bscan=6, seed=3)
+    first = retina.preprocess_volume(_record(volume_url, mask_url, "train"), cfg)
+    second = retina.preprocess_volume(_record(volume_url, mask_url, "train"), cfg)
+    assert list(first.columns["patch_id"]) == list(second.columns["patch_id"])
+    assert np.array_equal(first.columns["pixels"], second.columns["pixels"])
+    other_seed = retina.preprocess_volume(
+        _record(volume_url, mask_url, "train"), PreprocessConfig(patches_per_bscan=6, seed=4)
+    )
+    assert set(other_seed.columns["patch_id"]) != set(first.columns["patch_id"])
+
+
+def test_volume_without_mask_has_unknown_labels(pathological_files):
+    volume_url, _, _ = pathological_files
+    result = retina.preprocess_volume(_record(volume_url, None, "test"), PreprocessConfig())
+    assert np.all(result.columns["label"] == -1)
+    assert np.isnan(result.columns["anomaly_fraction"]).all()
+
+
+def test_normalization_maps_to_unit_range():
+    rng = np.random.default_rng(0)
+    volume = rng.gamma(2.0, 20.0, size=(2, 80, 90)).astype(np.float32)
+    volume[0, 0, 0] = 1e6  # one saturated voxel must not squash the rest
+    normalized = retina.normalize_volume(volume)
+    assert normalized.min() == -1.0 and normalized.max() == 1.0
+    assert normalized.std() > 0.2
+    with pytest.raises(VolumeError, match="constant"):
+        retina.normalize_volume(np.full((1, 70, 70), 7, np.uint8))
+
+
+def test_resampling_to_22_um_scales_the_width():
+    volume = np.tile(np.arange(512, dtype=np.float32), (2, 10, 1))
+    resampled = retina.resample_x(volume, 11.5, 22.0)
+    assert resampled.shape == (2, 10, 268)
+    # column j samples the original at (j + 0.5) * 22 / 11.5 - 0.5: a linear ramp stays linear
+    assert np.allclose(resampled[0, 0, 10], 10.5 * 22 / 11.5 - 0.5, atol=1e-3)
+    labels = np.zeros((1, 4, 512), np.uint8)
+    labels[..., 100:140] = 3
+    assert set(np.unique(retina.resample_x(labels, 11.5, 22.0, nearest=True))) == {0, 3}
+
+
+def test_image_modality_uses_the_whole_frame(tmp_path):
+    rng = np.random.default_rng(1)
+    image = (rng.random((100, 130)) * 65535).astype(np.uint16)  # a 16-bit PNG
+    path = tmp_path / "img.png"
+    Image.fromarray(image).save(path)
+    record = _record(str(path), None, "test", modality="image", spacing=None)
+    result = retina.preprocess_volume(record, PreprocessConfig(grid_stride=32))
+    ys, xs = set(result.columns["y"]), set(result.columns["x"])
+    assert ys == {0, 32, 36} and xs == {0, 32, 64, 66}
+    y, x = 32, 64
+    index = int(np.flatnonzero((result.columns["y"] == y) & (result.columns["x"] == x))[0])
+    patch = decode_pixels(result.columns["pixels"][index])
+    expected = retina.normalize_volume(image[None])[0][y : y + SIZE, x : x + SIZE]
+    assert np.abs(patch - expected).max() <= 1 / 127.5 + 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# readers and bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_readers_agree_across_formats(tmp_path):
+    rng = np.random.default_rng(2)
+    volume = rng.integers(0, 255, size=(3, 70, 80), dtype=np.uint8)
+    np.save(tmp_path / "v.npy", volume)
+    tifffile.imwrite(tmp_path / "v.tif", volume, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.repeat(volume[0][..., None], 3, 2), photometric="rgb")
+    Image.fromarray(volume[0]).save(tmp_path / "b.png")
+    rgb = np.repeat(volume[0][..., None], 3, axis=2)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    assert np.array_equal(volumes.read_volume(str(tmp_path / "v.npy")), volume)
+    assert np.array_equal(volumes.read_volume(str(tmp_path / "v.tif")), volume)
+    assert np.array_equal(volumes.read_volume(str(tmp_path / "rgb.tif")), volume[:1])
+    assert np.array_equal(volumes.read_volume(str(tmp_path / "b.png")), volume[:1])
+    assert np.array_equal(volumes.read_volume(str(tmp_path / "c.png")), volume[:1])  # gray RGB
+    Image.fromarray(volume[0]).save(tmp_path / "d.jpg", quality=95)
+    assert np.abs(volumes.read_volume(str(tmp_path / "d.jpg")).astype(int) - volume[:1]).mean() < 12
+
+
+@pytest.mark.parametrize(
+    ("writer", "reason"),
+    [
+        (lambda p: p.write_bytes(b"\x93NUMPY garbage"), "unreadable or truncated"),
+        (
+            lambda p: p.write_bytes(_npy_bytes(np.ones((3, 70, 70)))[:-500]),
+            "unreadable or truncated",
+        ),
+        (lambda p: p.write_bytes(_npy_bytes(np.ones((2, 3, 70, 70)))), "wrong dimensions"),
+    ],
+)
+def test_bad_files_raise_a_reason(tmp_path, writer, reason):
+    path = tmp_path / "bad.npy"
+    writer(path)
+    with pytest.raises(VolumeError, match=reason):
+        volumes.read_volume(str(path))
+
+
+def test_missing_file_and_bad_values_raise_a_reason(tmp_path):
+    with pytest.raises(VolumeError, match="missing file"):
+        volumes.read_volume(str(tmp_path / "nowhere.npy"))
+    with pytest.raises(VolumeError, match="NaN"):
+        volumes.check_image_values(np.array([[[1.0, np.nan]]]))
+    with pytest.raises(VolumeError, match="constant"):
+        volumes.check_image_values(np.zeros((1, 64, 64), np.uint8))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+MANIFEST_HEADER = "subject_id,volume_id,path,modality,spacing_x_um,split,label,mask_path\n"
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("s,a,a.npy,oct,11.5,train,0,\n", None),
+        ("s,a,a.npy,oct,11.5,train,0,\ns,a,b.npy,oct,11.5,test,1,\n", "row 2, column 'volume_id'"),
+        (
+            "s,a,a.npy,oct,11.5,train,0,\ns,b,b.npy,fundus,11.5,test,1,\n",
+            "row 2, column 'modality'",
+        ),
+        ("s,a,a.npy,oct,11.5,holdout,0,\n", "row 1, column 'split'"),
+        ("s,a,,oct,11.5,train,0,\n", "row 1, column 'path'"),
+        ("s,a,a.npy,oct,wide,train,0,\n", "row 1, column 'spacing_x_um'"),
+    ],
+)
+def test_bad_manifest_fails_naming_row_and_column(tmp_path, rows, message):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(MANIFEST_HEADER + rows)
+    if message is None:
+        frame = volumes.read_manifest(str(manifest))
+        assert frame.loc[0, "path"] == str(tmp_path / "a.npy")  # resolved against the manifest
+        assert frame.loc[0, "mask_path"] is None
+        return
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(")):
+        volumes.read_manifest(str(manifest))
+
+
+def test_manifest_missing_column_is_named(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("subject_id,volume_id,path,split\ns,a,a.npy,train\n")
+    with pytest.raises(ManifestError, match="missing column 'modality'"):
+        volumes.read_manifest(str(manifest))
+
+
+def test_parquet_manifest_with_missing_optional_values(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "subject_id": ["s1", "s2"],
+            "volume_id": ["a", "b"],
+            "path": ["a.npy", "s3://bucket/b.png"],
+            "modality": ["oct", "image"],
+            "spacing_x_um": [11.5, None],
+            "split": ["train", "test"],
+            "label": pd.array([0, None], dtype="Int64"),
+        }
+    )
+    frame.to_parquet(tmp_path / "manifest.parquet")
+    manifest = volumes.read_manifest(str(tmp_path / "manifest.parquet"))
+    assert manifest["path"].tolist() == [str(tmp_path / "a.npy"), "s3://bucket/b.png"]
+    assert manifest.loc[0, "spacing_x_um"] == 11.5 and np.isnan(manifest.loc[1, "spacing_x_um"])
+    assert manifest.loc[0, "label"] == 0 and pd.isna(manifest.loc[1, "label"])
+    assert manifest["mask_path"].isna().all()
