@@ -1,0 +1,298 @@
+"""The ``anogan-ray`` command: one subcommand per stage, plus ``demo`` that chains them.
+
+Every stage reads and writes local paths or ``s3://`` URLs and leaves a ``summary.json`` next to
+its outputs. Stage functions are imported lazily so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from anogan_ray.config import PRESETS, Config, ConfigError, load_config
+
+log = logging.getLogger("anogan_ray")
+
+_CONFIG_HELP = (
+    f"a preset ({', '.join(PRESETS)}) or a YAML file with the same sections (default: %(default)s)"
+)
+
+
+def _add_config_options(parser: argparse.ArgumentParser, default: str = "demo") -> None:
+    parser.add_argument("--config", default=default, metavar="PRESET|FILE", help=_CONFIG_HELP)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set score.steps=200 (repeatable)",
+    )
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage commands: each builds the config and calls one package function.
+# ---------------------------------------------------------------------------------------------
+
+
+def _phantom(args: argparse.Namespace) -> dict[str, Any]:
+    from anogan_ray.phantom import write_cohort
+
+    return write_cohort(_config(args).phantom, args.out)
+
+
+def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
+    from anogan_ray.pipelines.preprocess import preprocess
+
+    return preprocess(args.manifest, args.out, _config(args).preprocess)
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from anogan_ray.pipelines.train import train
+
+    return train(args.patches, args.out, _config(args))
+
+
+def _score(args: argparse.Namespace) -> dict[str, Any]:
+    from anogan_ray.pipelines.score import score
+
+    return score(args.patches, args.model, args.out, _config(args).score)
+
+
+def _query(args: argparse.Namespace) -> None:
+    from anogan_ray import query
+
+    filters = dict(split=args.split, model_id=args.model_id)
+    if args.sql:
+        table = query.sql(args.scores, args.sql)
+    elif args.aggregate:
+        table = query.aggregate(
+            args.scores, level=args.aggregate, threshold=args.threshold, score=args.score, **filters
+        )
+    else:
+        table = query.top_k(
+            args.scores,
+            k=args.top_k,
+            score=args.score,
+            subject=args.subject,
+            volume=args.volume,
+            **filters,
+        )
+    query.write_result(table, args.out, args.format)
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from anogan_ray import metrics
+
+    threshold: float | str | None = args.threshold
+    if args.calibrate:  # calibrate on val, store with the model, evaluate at that threshold
+        if not args.model:
+            raise ValueError("--calibrate stores the threshold with the model: give --model")
+        metrics.calibrate(
+            args.scores, out=args.model, method=args.calibrate, percentile=args.percentile
+        )
+        threshold = threshold if threshold is not None else args.model
+    result = metrics.evaluate(
+        args.scores,
+        threshold=threshold,
+        level=args.level,
+        split=args.split,
+        aggregate=args.aggregate,
+        percentile=args.percentile,
+    )
+    print(metrics.format_paper_table(result), file=sys.stderr)
+    if args.json:
+        from anogan_ray import storage
+
+        storage.write_json(args.json, result)
+    return {k: v for k, v in result.items() if k != "roc"}
+
+
+def _threshold(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value  # a threshold.json or a model bundle that holds one
+
+
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    from anogan_ray.report import report
+
+    return report(
+        args.scores,
+        args.out,
+        patches=args.patches,
+        model=args.model,
+        threshold=args.threshold,
+        split=args.split,
+        top_k=args.top_k,
+        clusters=args.clusters,
+    )
+
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
+    from anogan_ray.demo import run_demo
+
+    return run_demo(args.out, _config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anogan-ray",
+        description=(
+            "AnoGAN on Ray: train a DCGAN on healthy retinal OCT patches, then score every patch "
+            "of a cohort by latent inversion (Schlegl et al. 2017). Paths may be local or s3://."
+        ),
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, func: Callable, help_text: str, **kwargs: Any
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
+        p.set_defaults(func=func)
+        return p
+
+    p = command(
+        "phantom",
+        _phantom,
+        "Write a synthetic OCT cohort (volumes, pixel-level pathology masks, true layer "
+        "boundaries and a manifest) for testing and demos.",
+    )
+    p.add_argument("--out", required=True, help="cohort folder (local or s3://)")
+    _add_config_options(p)
+
+    p = command(
+        "preprocess",
+        _preprocess,
+        "Normalize, resample to 22 µm, segment and flatten each OCT volume of a manifest and "
+        "write its 64 x 64 patches as a Parquet patch table (Ray Data).",
+    )
+    p.add_argument("--manifest", required=True, help="cohort manifest, CSV or Parquet")
+    p.add_argument("--out", required=True, help="output folder for the patch table")
+    _add_config_options(p)
+
+    p = command(
+        "train",
+        _train,
+        "Train the DCGAN on the healthy `train` patches with Ray Train (DDP), checkpointing and "
+        "resuming by run name, and export a model bundle.",
+    )
+    p.add_argument("--patches", required=True, help="patch table written by `preprocess`")
+    p.add_argument("--out", required=True, help="model bundle folder")
+    _add_config_options(p)
+
+    p = command(
+        "score",
+        _score,
+        "Score patches by batched latent inversion on a Ray Data actor pool and write the "
+        "score table; re-running scores only what is missing.",
+    )
+    p.add_argument("--patches", required=True, help="patch table written by `preprocess`")
+    p.add_argument("--model", required=True, help="model bundle written by `train`")
+    p.add_argument("--out", required=True, help="output folder for the score table")
+    _add_config_options(p)
+
+    p = command(
+        "query",
+        _query,
+        "Query score tables with DuckDB: the top-k most anomalous patches (default), "
+        "per-volume or per-subject aggregates, or any SQL against the view `scores`.",
+    )
+    p.add_argument("--scores", required=True, nargs="+", help="one or more score tables")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--top-k", type=int, default=20, help="most anomalous patches (default 20)")
+    mode.add_argument("--aggregate", choices=["volume", "subject"], help="aggregate per level")
+    mode.add_argument(
+        "--sql", help="SQL over the view `scores`, e.g. 'SELECT count(*) FROM scores'"
+    )
+    p.add_argument("--score", default="anomaly_score", help="score column (default: %(default)s)")
+    p.add_argument("--subject", help="only this subject_id")
+    p.add_argument("--volume", help="only this volume_id")
+    p.add_argument("--split", help="only this split")
+    p.add_argument("--model-id", help="only rows of this model_id")
+    p.add_argument("--threshold", type=float, help="with --aggregate: count patches above it")
+    p.add_argument("--out", help="write to this file (.csv, .parquet, .json) instead of printing")
+    p.add_argument("--format", choices=["table", "csv", "parquet", "json"], help="output format")
+
+    p = command(
+        "evaluate",
+        _evaluate,
+        "ROC/AUC of A, R, D, p_d and GAN_R and the paper's table (precision, recall, "
+        "sensitivity, specificity, AUC) at a calibrated threshold, at patch, volume or subject level.",
+    )
+    p.add_argument("--scores", required=True, nargs="+", help="one or more score tables")
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        help="a number, a threshold.json or a model bundle holding one (default: calibrate on val)",
+    )
+    p.add_argument("--model", help="model bundle: where --calibrate stores threshold.json")
+    p.add_argument(
+        "--calibrate",
+        choices=["percentile", "youden", "f1"],
+        help="calibrate on the val split (percentile of healthy scores, Youden's J or best F1)",
+    )
+    p.add_argument("--percentile", type=float, default=99.0, help="healthy percentile (99)")
+    p.add_argument("--level", choices=["patch", "volume", "subject"], default="patch")
+    p.add_argument("--aggregate", choices=["max", "mean"], default="max", help="patch -> volume")
+    p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    p.add_argument("--json", help="also write the full result (with ROC points) here")
+
+    p = command(
+        "report",
+        _report,
+        "Pictures with an index page: ROC curves, score histograms, the top-k patches with G(z) "
+        "and residuals, per-volume heat maps and en-face maps, t-SNE of D's features, and "
+        "clusters of the most anomalous patches (marker discovery).",
+    )
+    p.add_argument("--scores", required=True, help="score table")
+    p.add_argument("--out", required=True, help="report folder (PNGs + index.html)")
+    p.add_argument("--patches", help="patch table (pixels for heat maps, top-k, t-SNE, markers)")
+    p.add_argument("--model", help="model bundle (G(z) for top-k, D's features)")
+    p.add_argument("--threshold", type=_threshold, help="a number or a threshold.json / bundle")
+    p.add_argument("--split", default="test", help="split to report on (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=8, help="patches in the top-k figure")
+    p.add_argument("--clusters", type=int, default=4, help="marker clusters (k-means)")
+
+    p = command(
+        "demo",
+        _demo,
+        "Run every stage end to end on the built-in synthetic cohort with a local Ray.",
+    )
+    p.add_argument("--out", default="demo-out", help="output folder (default: %(default)s)")
+    _add_config_options(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        summary = args.func(args)
+    except ConfigError as err:
+        print(f"anogan-ray {args.command}: configuration error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:  # bad input: say what, without a traceback
+        log.debug("details", exc_info=True)
+        print(f"anogan-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,636 @@
+"""Pictures of a scored cohort, as PNGs with an ``index.html`` (``anogan-ray report``).
+
+Each picture is drawn when its inputs are given and listed as skipped (with the reason) in the
+index otherwise:
+
+==================  ==================================================  ====================
+picture             shows                                               needs
+==================  ==================================================  ====================
+``roc.png``         ROC curves of A, GAN_R, P_D and of R, D, D^ (Fig.   scores with labels
+                    4 a, b)
+``histograms.png``  R and D for normal vs anomalous patches (Fig. 4     scores with labels
+                    c, d)
+``enface_*.png``    per volume: max patch score over B-scan index x     scores
+                    lateral position, and the most anomalous B-scan
+                    with its score heat map (the B-scan is reassembled   + patches
+                    from the grid patches: flattened, resampled frame)
+``top_k.png``       the most anomalous patches: input, G(z), residual   scores, patches,
+                    overlay, annotation (Fig. 3)                        model (+ z or invert)
+``tsne.png``        t-SNE of D's last-convolution features, normal vs   scores, patches, model
+                    anomalous (Fig. 2 b)
+``markers.png``     marker discovery: k-means clusters of the most      scores, patches, model
+                    anomalous patches on their residual maps (stored z)
+                    or else D's features; exemplars per cluster
+                    (``markers.parquet`` lists the clusters)
+==================  ==================================================  ====================
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.dataset as ds  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from anogan_ray import metrics, query, storage  # noqa: E402
+from anogan_ray.patches import PATCH_SIZE, decode_pixels  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+_ROC_PANELS = (("A", "GAN_R", "P_D"), ("R", "D", "D_ref"))  # Fig. 4 a and b
+_LABEL_NAMES = {1: "anomalous", 0: "normal", -1: "unknown"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading pixels and running the model
+# ---------------------------------------------------------------------------------------------
+
+
+def pixels_from_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A patch table's ``pixels`` column -> uint8 array (N, 64, 64).
+
+    Accepts Ray's tensor extension type (registered or read as its storage), (large/fixed-size)
+    lists of uint8 and 4096-byte binary values.
+    """
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
+        flat = np.frombuffer(b"".join(array.to_pylist()), dtype=np.uint8)
+    elif pa.types.is_fixed_size_binary(array.type):
+        flat = np.frombuffer(array.buffers()[1], np.uint8)[
+            array.offset * array.type.byte_width : (array.offset + len(array))
+            * array.type.byte_width
+        ]
+    else:
+        while (
+            pa.types.is_list(array.type)
+            or pa.types.is_large_list(array.type)
+            or (pa.types.is_fixed_size_list(array.type))
+        ):
+            array = array.flatten()
+        flat = array.to_numpy(zero_copy_only=False).astype(np.uint8, copy=False)
+    return flat.reshape(-1, PATCH_SIZE, PATCH_SIZE)
+
+
+def read_patches(
+    patches: str, filter_expression: ds.Expression, columns: Sequence[str] = ()
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rows of the patch table matching ``filter_expression``: (metadata, uint8 pixels)."""
+    dataset = query.open_dataset(patches, what="patch table")
+    if "pixels" not in dataset.schema.names:
+        raise query.QueryError(f"patch table {patches}: no `pixels` column")
+    wanted = ["patch_id", *columns, "pixels"]
+    table = dataset.to_table(columns=wanted, filter=filter_expression)
+    return table.drop(["pixels"]).to_pandas(), pixels_from_column(table.column("pixels"))
+
+
+def _pixels_for(patches: str, patch_ids: Sequence[str]) -> np.ndarray:
+    """uint8 pixels (N, 64, 64) in the order of ``patch_ids`` (which must all exist)."""
+    meta, pixels = read_patches(patches, ds.field("patch_id").isin(list(patch_ids)))
+    position = {pid: i for i, pid in enumerate(meta["patch_id"])}
+    missing = [pid for pid in patch_ids if pid not in position]
+    if missing:
+        raise query.QueryError(
+            f"patch table {patches}: {len(missing)} scored patch(es) not found, e.g. {missing[0]}"
+        )
+    return pixels[[position[pid] for pid in patch_ids]]
+
+
+def discriminator_features(bundle: Any, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """D's last-convolution features f(x), flattened: (N, 8c * 4 * 4)."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            x = torch.from_numpy(decode_pixels(pixels[start : start + batch_size]))[:, None]
+            out.append(bundle.discriminator.features(x).flatten(1).numpy())  # (B, 8c*16)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _reconstruct(bundle: Any, z: np.ndarray) -> np.ndarray:
+    """G(z) in [-1, 1], (N, 64, 64)."""
+    import torch
+
+    with torch.inference_mode():
+        return bundle.generator(torch.as_tensor(np.asarray(z, np.float32)))[:, 0].numpy()
+
+
+def _latents(scores: str | Sequence[str], patch_ids: Sequence[str]) -> np.ndarray | None:
+    """The stored final z of each patch, or None when the score table has no ``z``."""
+    con = query.connect(scores)
+    if "z" not in query.columns(con):
+        return None
+    found = con.sql(
+        "SELECT patch_id, z FROM scores WHERE list_contains(?, patch_id)", params=[list(patch_ids)]
+    ).df()
+    by_id = dict(zip(found["patch_id"], found["z"]))
+    if any(by_id.get(pid) is None for pid in patch_ids):
+        return None
+    return np.stack([np.asarray(by_id[pid], np.float32) for pid in patch_ids])
+
+
+# ---------------------------------------------------------------------------------------------
+# Marker discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_features(residual: np.ndarray, level: float = 0.25) -> np.ndarray:
+    """Shift-invariant descriptors of signed residual maps x - G(z), (N, 64, 64) -> (N, 6).
+
+    The maps are smoothed (Gaussian, sigma 1 px) and split into bright (> ``level``) and dark
+    (< -``level``) residue; per patch: the area share of each, the log number of connected
+    regions of each (dots vs blobs), and the summed residue of each per pixel. Dark fluid,
+    bright foci and lifted RPE differ in these.
+    """
+    from scipy import ndimage
+
+    out = np.zeros((len(residual), 6), np.float64)
+    for i, r in enumerate(np.asarray(residual, np.float32)):
+        r = ndimage.gaussian_filter(r, 1.0)
+        bright, dark = r > level, r < -level
+        out[i] = (
+            bright.mean(),
+            dark.mean(),
+            np.log1p(ndimage.label(bright)[1]),
+            np.log1p(ndimage.label(dark)[1]),
+            r[bright].sum() / r.size,
+            -r[dark].sum() / r.size,
+        )
+    return out
+
+
+def cluster_markers(
+    features: np.ndarray, n_clusters: int = 4, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-means on standardized, PCA-reduced features: (cluster per row, distance to its centre)."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    n_clusters = max(1, min(n_clusters, len(features)))
+    scaled = StandardScaler().fit_transform(np.asarray(features, np.float64))
+    components = min(20, scaled.shape[0], scaled.shape[1])
+    reduced = PCA(n_components=components, random_state=seed).fit_transform(scaled)
+    kmeans = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(reduced)
+    distance = np.linalg.norm(reduced - kmeans.cluster_centers_[kmeans.labels_], axis=1)
+    return kmeans.labels_.astype(np.int64), distance
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+
+def _save(fig: plt.Figure, url: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes(url, buffer.getvalue())
+    return url
+
+
+def _roc_figure(evaluation: dict[str, Any]) -> plt.Figure:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, names, title in zip(axes, _ROC_PANELS, ("(a) anomaly scores", "(b) score parts")):
+        for name in names:
+            row = evaluation["scores"].get(name)
+            if row is None:
+                continue
+            label = f"{name} ({row['column']}), AUC {row['auc']:.3f}"
+            ax.plot(row["roc"]["fpr"], row["roc"]["tpr"], lw=2, label=label)
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+        ax.set(xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"ROC, {evaluation['level']} level, split {evaluation['split']}")
+    return fig
+
+
+def _histogram_figure(frame: pd.DataFrame) -> plt.Figure:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, column, title in zip(
+        axes, ("residual_score", "discrimination_score"), ("(c) residual score R", "(d) D")
+    ):
+        values = frame[column].to_numpy(np.float64)
+        finite = np.isfinite(values)
+        bins = np.histogram_bin_edges(values[finite], bins=40)
+        for label, color in ((0, "tab:blue"), (1, "tab:red")):
+            chosen = values[finite & (frame["label"].to_numpy() == label)]
+            ax.hist(chosen, bins=bins, alpha=0.6, density=True, color=color)
+            ax.plot([], [], color=color, lw=6, label=f"{_LABEL_NAMES[label]} (n={chosen.size})")
+        ax.set(xlabel=column, ylabel="density", title=title)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _enface(volume: pd.DataFrame, score: str = "anomaly_score") -> np.ndarray:
+    """Max patch score over (B-scan index, lateral column); NaN where no patch covers."""
+    width = int(volume["x"].max()) + PATCH_SIZE
+    grid = np.full((int(volume["bscan"].max()) + 1, width), np.nan)
+    for bscan, x, value in zip(volume["bscan"], volume["x"], volume[score]):
+        span = grid[int(bscan), int(x) : int(x) + PATCH_SIZE]
+        np.fmax(span, value, out=span)
+    return grid
+
+
+def _bscan_mosaic(meta: pd.DataFrame, pixels: np.ndarray, scores: dict[str, float]):
+    """Reassemble a B-scan from its patches: (image in [-1, 1], max-score map, NaN uncovered)."""
+    height = int(meta["y"].max()) + PATCH_SIZE
+    width = int(meta["x"].max()) + PATCH_SIZE
+    image = np.full((height, width), np.nan, np.float32)
+    heat = np.full((height, width), np.nan)
+    for pid, y, x, patch in zip(meta["patch_id"], meta["y"], meta["x"], pixels):
+        y, x = int(y), int(x)
+        image[y : y + PATCH_SIZE, x : x + PATCH_SIZE] = decode_pixels(patch)
+        if pid in scores:
+            window = heat[y : y + PATCH_SIZE, x : x + PATCH_SIZE]
+            np.fmax(window, scores[pid], out=window)
+    return image, heat
+
+
+def _volume_figure(
+    volume_id: str, volume: pd.DataFrame, patches: str | None, threshold: float | None
+) -> plt.Figure:
+    grid = _enface(volume)
+    worst = volume.loc[volume["anomaly_score"].idxmax()]
+    panels = 2 if patches else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    vmin, vmax = np.nanmin(volume["anomaly_score"]), np.nanmax(volume["anomaly_score"])
+    ax = axes[0, 0]
+    shown = ax.imshow(
+        grid, aspect="auto", cmap="inferno", vmin=vmin, vmax=vmax, interpolation="nearest"
+    )
+    ax.set(
+        xlabel="lateral position (columns, flattened 22 µm frame)",
+        ylabel="B-scan index",
+        title=f"{volume_id}: en-face max A",
+    )
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    fig.colorbar(shown, ax=ax, label="anomaly score A")
+    if patches:
+        bscan = int(worst["bscan"])
+        rows = volume[volume["bscan"] == bscan]
+        meta, pixels = read_patches(
+            patches,
+            (ds.field("volume_id") == volume_id) & (ds.field("bscan") == bscan),
+            columns=["y", "x"],
+        )
+        meta_scored = meta[meta["patch_id"].isin(rows["patch_id"])]
+        pixels = pixels[meta["patch_id"].isin(rows["patch_id"]).to_numpy()]
+        image, heat = _bscan_mosaic(
+            meta_scored, pixels, dict(zip(rows["patch_id"], rows["anomaly_score"]))
+        )
+        ax = axes[0, 1]
+        ax.imshow(np.nan_to_num(image, nan=-1.0), cmap="gray", vmin=-1, vmax=1)
+        shown = ax.imshow(
+            np.ma.masked_invalid(heat), cmap="inferno", alpha=0.45, vmin=vmin, vmax=vmax
+        )
+        if threshold is not None:
+            ax.contour(
+                np.nan_to_num(heat, nan=-np.inf) > threshold,
+                levels=[0.5],
+                colors="cyan",
+                linewidths=1,
+            )
+        ax.set(
+            title=f"B-scan {bscan} (most anomalous): max A per pixel"
+            + ("\ncyan: above the threshold" if threshold is not None else "")
+        )
+        ax.set_axis_off()
+        fig.colorbar(shown, ax=ax, label="anomaly score A")
+    return fig
+
+
+def _top_k_figure(rows: pd.DataFrame, pixels: np.ndarray, generated: np.ndarray) -> plt.Figure:
+    inputs = decode_pixels(pixels)
+    residual = np.abs(inputs - generated)
+    k = len(rows)
+    fig, axes = plt.subplots(k, 4, figsize=(8, 2.1 * k), squeeze=False)
+    titles = ("input x", "G(z)", "residual |x - G(z)|", "annotation")
+    rmax = float(residual.max()) or 1.0
+    for i, (_, row) in enumerate(rows.iterrows()):
+        axes[i, 0].imshow(inputs[i], cmap="gray", vmin=-1, vmax=1)
+        axes[i, 1].imshow(generated[i], cmap="gray", vmin=-1, vmax=1)
+        axes[i, 2].imshow(inputs[i], cmap="gray", vmin=-1, vmax=1)
+        axes[i, 2].imshow(residual[i], cmap="hot", alpha=0.6, vmin=0, vmax=rmax)
+        fraction = row.get("anomaly_fraction", np.nan)
+        axes[i, 3].text(
+            0.02,
+            0.5,
+            f"{row['patch_id']}\nA = {row['anomaly_score']:.4g}\n"
+            f"label: {_LABEL_NAMES.get(int(row['label']), '?')}\n"
+            + (f"annotated share: {fraction:.2f}" if np.isfinite(fraction) else "no annotation"),
+            fontsize=7,
+            va="center",
+            transform=axes[i, 3].transAxes,
+        )
+        for j in range(4):
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(titles[j], fontsize=9)
+    fig.suptitle("Most anomalous patches (Fig. 3)")
+    return fig
+
+
+def _tsne_figure(embedding: np.ndarray, labels: np.ndarray) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for label, color in ((0, "tab:blue"), (1, "tab:red"), (-1, "tab:gray")):
+        chosen = labels == label
+        if chosen.any():
+            ax.scatter(
+                *embedding[chosen].T,
+                s=9,
+                alpha=0.7,
+                color=color,
+                label=f"{_LABEL_NAMES[label]} (n={int(chosen.sum())})",
+            )
+    ax.set(title="t-SNE of D's last-convolution features (Fig. 2 b)", xticks=[], yticks=[])
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _marker_figure(
+    clusters: np.ndarray, distance: np.ndarray, pixels: np.ndarray, per_cluster: int = 8
+) -> plt.Figure:
+    ids = np.unique(clusters)
+    fig, axes = plt.subplots(
+        len(ids), per_cluster, figsize=(1.3 * per_cluster, 1.45 * len(ids)), squeeze=False
+    )
+    for r, cluster in enumerate(ids):
+        members = np.flatnonzero(clusters == cluster)
+        members = members[np.argsort(distance[members])][:per_cluster]  # closest to the centre
+        for c in range(per_cluster):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(members):
+                ax.imshow(pixels[members[c]], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.set_axis_off()
+        axes[r, 0].set_ylabel(
+            f"cluster {cluster}\n(n={int((clusters == cluster).sum())})", fontsize=8
+        )
+    fig.suptitle("Candidate markers: clusters of the most anomalous patches (exemplars)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+def _stratified(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """Up to ``n`` rows, half of them anomalous where there are enough."""
+    anomalous = frame[frame["label"] == 1]
+    others = frame[frame["label"] != 1]
+    take_anomalous = min(len(anomalous), n // 2)
+    take_others = min(len(others), n - take_anomalous)
+    take_anomalous = min(len(anomalous), n - take_others)
+    return pd.concat(
+        [
+            anomalous.sample(take_anomalous, random_state=seed),
+            others.sample(take_others, random_state=seed),
+        ]
+    ).sort_values("patch_id")
+
+
+def report(
+    scores: str | Sequence[str],
+    out: str,
+    patches: str | None = None,
+    model: str | None = None,
+    threshold: float | str | None = None,
+    split: str = "test",
+    model_id: str | None = None,
+    top_k: int = 8,
+    volumes: int = 3,
+    embed_patches: int = 600,
+    marker_patches: int = 150,
+    clusters: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Draw the report of a score table into ``out`` (PNGs, ``markers.parquet``, ``index.html``).
+
+    Args:
+        scores: score table folder(s), local or s3.
+        out: report folder.
+        patches: the patch table (pixels); pictures that need pixels are skipped without it.
+        model: the model bundle (G and D); pictures that need the model are skipped without it.
+            Its ``threshold.json``, if any, is used when ``threshold`` is not given.
+        threshold: the patch-level A threshold: a number, a ``threshold.json`` / bundle folder,
+            or None (the model's stored one, else calibrated on ``val`` now).
+        split: the split to picture.
+        model_id: which model's rows, when the table holds several.
+        top_k: patches in the top-k picture.
+        volumes: most anomalous volumes to map.
+        embed_patches: patches in the t-SNE (stratified, half anomalous where possible).
+        marker_patches: most anomalous patches clustered for marker discovery.
+        clusters: k-means clusters.
+        seed: seed of sampling, t-SNE and k-means.
+
+    Returns:
+        ``{"out", "index", "images": {name: url}, "skipped": {name: reason}, "auc": {...},
+        "markers": url or None}``.
+    """
+    frame = metrics.read_scores(scores, model_id=model_id)
+    chosen = frame[frame["split"] == split].reset_index(drop=True)
+    if chosen.empty:
+        raise metrics.MetricsError(f"score table {scores}: no rows in split {split!r}")
+    storage.makedirs(out)
+    images: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    captions: dict[str, str] = {}
+    if threshold is None and model and storage.exists(storage.join(model, metrics.THRESHOLD_FILE)):
+        threshold = model
+
+    # ROC curves and histograms (labels only)
+    evaluation = None
+    try:
+        evaluation = metrics.evaluate(scores, threshold, "patch", split, model_id)
+        images["roc"] = _save(_roc_figure(evaluation), storage.join(out, "roc.png"))
+        captions["roc"] = "ROC curves of the scores at patch level (paper Fig. 4 a, b)."
+    except metrics.MetricsError as err:
+        skipped["roc"] = str(err)
+    labelled = chosen[chosen["label"] >= 0]
+    if labelled["label"].nunique() == 2 and {"residual_score", "discrimination_score"} <= set(
+        chosen.columns
+    ):
+        images["histograms"] = _save(
+            _histogram_figure(labelled), storage.join(out, "histograms.png")
+        )
+        captions["histograms"] = (
+            "Residual and discrimination scores, normal vs anomalous (Fig. 4 c, d)."
+        )
+    else:
+        skipped["histograms"] = f"split {split!r} has no labelled normal and anomalous patches"
+    patch_threshold = None
+    if evaluation is not None:
+        patch_threshold = evaluation["scores"].get("A", {}).get("threshold")
+    elif isinstance(threshold, (int, float)):
+        patch_threshold = float(threshold)
+
+    # Where in the eye: per-volume en-face maps and B-scan heat maps
+    worst_volumes = chosen.groupby("volume_id")["anomaly_score"].max().sort_values(ascending=False)
+    for volume_id in worst_volumes.index[:volumes]:
+        name = "volume_" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in volume_id)
+        fig = _volume_figure(
+            volume_id, chosen[chosen["volume_id"] == volume_id], patches, patch_threshold
+        )
+        images[name] = _save(fig, storage.join(out, f"{name}.png"))
+        captions[name] = (
+            f"Volume {volume_id}: en-face map (B-scan index x lateral position) of the max patch "
+            "score"
+            + (
+                ", and its most anomalous B-scan reassembled from the grid patches (flattened, "
+                "resampled frame) under the score heat map."
+                if patches
+                else "."
+            )
+        )
+    if not patches:
+        skipped["bscan heat maps"] = "no patch table given (--patches)"
+
+    # Pictures that need pixels and the model
+    bundle = None
+    if patches and model:
+        from anogan_ray.model import load_bundle
+
+        bundle = load_bundle(model)
+    need = "needs the patch table (--patches) and the model bundle (--model)"
+    ranked = chosen.sort_values(["anomaly_score", "patch_id"], ascending=[False, True])
+
+    if bundle is None:
+        skipped["top_k"] = need
+    else:
+        top = ranked.head(top_k)
+        z = _latents(scores, list(top["patch_id"]))
+        if z is None:
+            skipped["top_k"] = "the score table has no stored z (score.save_z=true) to draw G(z)"
+        else:
+            pixels = _pixels_for(patches, list(top["patch_id"]))
+            images["top_k"] = _save(
+                _top_k_figure(top, pixels, _reconstruct(bundle, z)), storage.join(out, "top_k.png")
+            )
+            captions["top_k"] = (
+                f"The {len(top)} most anomalous patches: input, G(z), residual (Fig. 3)."
+            )
+
+    if bundle is None:
+        skipped["tsne"] = need
+    else:
+        from sklearn.decomposition import PCA
+        from sklearn.manifold import TSNE
+
+        sample = _stratified(chosen, embed_patches, seed)
+        features = discriminator_features(bundle, _pixels_for(patches, list(sample["patch_id"])))
+        reduced = PCA(n_components=min(30, *features.shape), random_state=seed).fit_transform(
+            features
+        )
+        perplexity = float(max(2, min(30, (len(sample) - 1) // 3)))
+        embedding = TSNE(perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+            reduced
+        )
+        images["tsne"] = _save(
+            _tsne_figure(embedding, sample["label"].to_numpy()), storage.join(out, "tsne.png")
+        )
+        captions["tsne"] = f"t-SNE of D's features of {len(sample)} patches (Fig. 2 b)."
+
+    markers_url = None
+    if bundle is None:
+        skipped["markers"] = need
+    else:
+        top = ranked.head(marker_patches)
+        pixels = _pixels_for(patches, list(top["patch_id"]))
+        z = _latents(scores, list(top["patch_id"]))
+        if z is not None:  # residual maps x - G(z): what the model could not explain
+            basis = "signed residual maps x - G(z) (residual_features)"
+            features = residual_features(decode_pixels(pixels) - _reconstruct(bundle, z))
+        else:
+            basis = "D's last-convolution features (no stored z for residual maps)"
+            features = discriminator_features(bundle, pixels)
+        assignment, distance = cluster_markers(features, clusters, seed)
+        markers = pa.table(
+            {
+                "patch_id": top["patch_id"].to_numpy(),
+                "volume_id": top["volume_id"].to_numpy(),
+                "anomaly_score": top["anomaly_score"].to_numpy(),
+                "label": top["label"].to_numpy(),
+                "cluster": assignment,
+                "distance_to_centre": distance,
+            }
+        )
+        buffer = io.BytesIO()
+        pq.write_table(markers, buffer)
+        markers_url = storage.join(out, "markers.parquet")
+        storage.write_bytes(markers_url, buffer.getvalue())
+        images["markers"] = _save(
+            _marker_figure(assignment, distance, pixels), storage.join(out, "markers.png")
+        )
+        captions["markers"] = (
+            f"Marker discovery: the {len(top)} most anomalous patches clustered (k-means, "
+            f"k={clusters}) on {basis}; each row shows the patches closest "
+            "to a cluster centre. Cluster of every patch: markers.parquet."
+        )
+
+    auc = {} if evaluation is None else {k: v["auc"] for k, v in evaluation["scores"].items()}
+    index = storage.join(out, "index.html")
+    storage.write_bytes(index, _index_html(frame, split, images, captions, skipped, auc).encode())
+    summary = {
+        "out": out,
+        "index": index,
+        "images": images,
+        "skipped": skipped,
+        "auc": auc,
+        "markers": markers_url,
+    }
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    return summary
+
+
+def _index_html(
+    frame: pd.DataFrame,
+    split: str,
+    images: dict[str, str],
+    captions: dict[str, str],
+    skipped: dict[str, str],
+    auc: dict[str, float],
+) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>anogan-ray report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%;"
+        "border:1px solid #ccc}figure{margin:1.5em 0}td,th{padding:2px 10px}</style></head><body>",
+        "<h1>anogan-ray report</h1>",
+        f"<p>model_id {esc(str(frame['model_id'].iloc[0]))}; split {esc(split)}: "
+        f"{int((frame['split'] == split).sum())} patches in "
+        f"{frame.loc[frame['split'] == split, 'volume_id'].nunique()} volumes.</p>",
+    ]
+    if auc:
+        rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>" for k, v in auc.items())
+        parts.append(f"<table><tr><th>score</th><th>patch AUC</th></tr>{rows}</table>")
+    for name, url in images.items():
+        file_name = url.rstrip("/").rsplit("/", 1)[-1]
+        parts.append(
+            f"<figure><img src='{esc(file_name)}' alt='{esc(name)}'>"
+            f"<figcaption>{esc(captions.get(name, name))}</figcaption></figure>"
+        )
+    if skipped:
+        parts.append("<h2>Skipped</h2><ul>")
+        parts += [f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in skipped.items()]
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
