@@ -103,6 +103,7 @@ class TrainConfig:
     run_name: str = "anogan"  # re-running with the same name resumes
     max_failures: int = _at_least(0, 2)  # worker failures tolerated (restart from checkpoint)
     seed: int = 0
+    batchnorm_samples: int = _at_least(1, 4096)  # z draws / real patches for final BN statistics
 
 
 @dataclass
@@ -121,6 +122,7 @@ class ScoreConfig:
     )  # which splits of the patch table to score
     device: str = _choices("auto", "cpu", "cuda", default="auto")  # where inversion runs
     fast_math: bool = False  # on GPU: TF32 matmuls (checked against fp32 scores)
+    rows_per_file: int = _at_least(1, 10_000)  # score-table rows per file; also what a kill loses
 
 
 @dataclass

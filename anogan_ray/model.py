@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from anogan_ray import storage
-from anogan_ray.config import ModelConfig
+from anogan_ray.config import ConfigError, ModelConfig, config_from_dict
 
 BUNDLE_FORMAT = 1
 _BUNDLE_FILES = ("config.json", "generator.pt", "discriminator.pt")
@@ -121,6 +123,43 @@ def build_models(cfg: ModelConfig, seed: int = 0) -> tuple[Generator, Discrimina
     return generator, discriminator
 
 
+@torch.no_grad()
+def finalize_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Set every BatchNorm's running statistics to their exact average over ``batches``.
+
+    During training the running statistics are an exponential average that lags the weights;
+    exported models run in eval mode, so their statistics must describe the final weights. Each
+    batch runs forward in train mode with ``momentum=None`` (a cumulative average); the module's
+    mode and momenta are restored afterwards and no parameter changes.
+
+    Args:
+        module: the network (G fed with z batches, D fed with real patches).
+        batches: inputs of the module, each a full-sized batch like the training batches.
+
+    Returns:
+        The number of samples the statistics were computed from.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    was_training = module.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    module.train()
+    seen = 0
+    try:
+        for batch in batches:
+            module(batch)
+            seen += batch.shape[0]
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        module.train(was_training)
+    if norms and seen == 0:
+        raise ValueError("finalize_batchnorm: no batches given, BatchNorm statistics were reset")
+    return seen
+
+
 def sample_latent(
     n: int, cfg: ModelConfig, generator: torch.Generator | None = None, device: Any = "cpu"
 ) -> torch.Tensor:
@@ -212,22 +251,28 @@ def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
         raise BundleError(f"model bundle {url}: cannot read it ({err})") from err
     except json.JSONDecodeError as err:
         raise BundleError(f"model bundle {url}: bundle.json is not valid JSON ({err})") from err
+    recorded = index.get("sha256") if isinstance(index, dict) else None
+    if not isinstance(recorded, dict):
+        raise BundleError(f"model bundle {url}: bundle.json has no sha256 table")
     for name, data in contents.items():
-        if _sha256(data) != index.get("sha256", {}).get(name):
+        if _sha256(data) != recorded.get(name):
             raise BundleError(f"model bundle {url}: {name} does not match its recorded sha256")
-    model_id = _model_id(index["sha256"])
+    model_id = _model_id(recorded)
     if model_id != index.get("model_id"):
         raise BundleError(f"model bundle {url}: model_id does not match the files' hashes")
     config = json.loads(contents["config.json"])
     if config.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"model bundle {url}: format {config.get('format')!r} is not supported")
-    try:
-        model_cfg = ModelConfig(**config["model"])
-    except TypeError as err:
+    try:  # the same checks as a preset: unknown keys or values outside the allowed ones fail
+        model_cfg = config_from_dict({"model": config["model"]}).model
+    except (ConfigError, KeyError) as err:
         raise BundleError(f"model bundle {url}: incompatible model config ({err})") from err
     generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
     for module, name in ((generator, "generator.pt"), (discriminator, "discriminator.pt")):
-        state = torch.load(io.BytesIO(contents[name]), map_location="cpu", weights_only=True)
+        try:  # weights_only: tensors and plain containers, never arbitrary objects
+            state = torch.load(io.BytesIO(contents[name]), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise BundleError(f"model bundle {url}: {name} holds more than tensors: {err}") from err
         try:
             module.load_state_dict(state)
         except RuntimeError as err:

@@ -1,0 +1,172 @@
+"""Distributed adversarial training: DDP replicas in step, resume after a failure, export, quality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anogan_ray import storage
+from anogan_ray.config import load_config
+from anogan_ray.model import build_models, load_bundle, sample_latent
+from anogan_ray.patches import decode_pixels, encode_pixels, patch_id
+from anogan_ray.pipelines.train import TrainError, read_training_patches, train
+
+TRAIN_PATCHES = 256  # tiny: batch 32, so 8 steps per epoch with 1 worker, 4 with 2
+VAL_PATCHES = 32
+
+
+def band_patches(count: int, rng: np.random.Generator) -> np.ndarray:
+    """Healthy-looking flattened retina: horizontal layers of varying brightness plus speckle.
+
+    Returns (count, 64, 64) float32 in [-1, 1].
+    """
+    rows = np.arange(64, dtype=np.float32)[:, None]  # (64, 1)
+    phase = rng.uniform(0, 2 * np.pi, (count, 1, 1))
+    frequency = rng.uniform(0.15, 0.3, (count, 1, 1))
+    layers = 0.6 * np.sin(frequency * rows + phase) - 0.2  # (count, 64, 1)
+    speckle = rng.normal(0, 0.08, (count, 64, 64))
+    return np.clip(layers + speckle, -1, 1).astype(np.float32)
+
+
+def write_patch_table(url: str, seed: int = 0) -> None:
+    """A patch table (DESIGN.md 3.2) with a train and a val split, written by Ray Data."""
+    import ray
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, count in (("train", TRAIN_PATCHES), ("val", VAL_PATCHES)):
+        for index, image in enumerate(band_patches(count, rng)):
+            volume_id = f"{split}-subject{index // 64}/od"
+            rows.append(
+                {
+                    "patch_id": patch_id(volume_id, index % 64, 0, 0),
+                    "subject_id": volume_id.split("/")[0],
+                    "volume_id": volume_id,
+                    "bscan": index % 64,
+                    "y": 0,
+                    "x": 0,
+                    "split": split,
+                    # val patches are all white: training on them would show in the samples
+                    "pixels": encode_pixels(image if split == "train" else np.ones_like(image)),
+                    "label": 0,
+                    "anomaly_fraction": float("nan"),
+                    "source": "synthetic",
+                }
+            )
+    dataset = ray.data.from_items(rows, override_num_blocks=2)
+    dataset.write_parquet(
+        url, partition_cols=["split"], filesystem=storage.arrow_filesystem(url)[0]
+    )
+
+
+@pytest.fixture(scope="module")
+def patch_table(ray_local, tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("patches"))
+    write_patch_table(url)
+    return url
+
+
+def _config(*overrides: str):
+    return load_config("tiny", ["train.batchnorm_samples=256", *overrides])
+
+
+def test_only_the_train_split_is_read(patch_table):
+    data = read_training_patches(patch_table)
+    assert data.num_patches == TRAIN_PATCHES  # the val patches are left out
+    assert sorted(data.dataset.columns()) == ["patch_id", "pixels"]  # labels never reach training
+
+
+def test_missing_train_split_is_a_clear_error(ray_local, tmp_path):
+    with pytest.raises(TrainError, match=r"no Parquet files under split=train"):
+        train(str(tmp_path), str(tmp_path / "model"), _config())
+
+
+def test_ddp_replicas_stay_identical_survive_a_killed_worker_and_resume(patch_table, bucket):
+    """One 2-worker run on S3 storage: DDP, a real worker failure, a re-run, the export."""
+    out = f"{bucket}/model"
+    cfg = _config(
+        "train.num_workers=2",
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "train.max_failures=1",
+    )
+    # the second worker's process is SIGKILLed at step 5, after the checkpoint of step 4;
+    # Ray Train restarts both workers from that checkpoint
+    summary = train(patch_table, out, cfg, crash_at_step=5)
+    assert summary["resumed_from_step"] == 4
+    assert summary["steps"] == 6 and summary["steps_per_epoch"] == TRAIN_PATCHES // 2 // 32
+    # DDP kept both replicas bit-identical through G and D updates and the restart
+    assert summary["replicas_identical"] is True
+    assert summary["train_patches"] == TRAIN_PATCHES
+    for key in ("d_loss", "g_loss", "d_real", "d_fake"):
+        assert np.isfinite(summary["final_metrics"][key])
+    assert 0 < summary["final_metrics"]["d_real"] < 1
+    assert summary["patches_per_s"] > 0
+    assert storage.read_json(f"{out}/summary.json")["model_id"] == summary["model_id"]
+    assert summary["samples"] == [f"{out}/samples/epoch_001.png"]
+    assert storage.read_bytes(summary["samples"][0])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert storage.list_files(f"{out}/_runs/anogan", suffix="state.pt")  # checkpoints on s3
+
+    bundle = load_bundle(out)
+    assert bundle.model_id == summary["model_id"]
+    assert bundle.metadata["step"] == 6
+    assert bundle.metadata["data_fingerprint"] == read_training_patches(patch_table).fingerprint
+    # final BatchNorm statistics: G in eval mode samples like G in train mode
+    assert summary["batchnorm_check"]["mean_abs_difference"] < 0.05
+    initial_generator, _ = build_models(cfg.model, seed=cfg.train.seed)
+    z = sample_latent(8, cfg.model, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(bundle.generator(z), initial_generator.eval()(z))
+
+    # re-running with the same run name continues the run instead of starting over
+    longer = _config("train.num_workers=2", "train.max_steps=8", "train.checkpoint_every=2")
+    summary = train(patch_table, out, longer)
+    assert summary["resumed_from_step"] == 6
+    assert summary["steps"] == 8
+    assert summary["replicas_identical"] is True
+    assert load_bundle(out).metadata["step"] == 8
+
+    # a run of another architecture under the same name is refused, not silently mixed
+    other = _config("train.num_workers=2", "model.base_channels=4")
+    with pytest.raises(TrainError, match="choose another train.run_name"):
+        train(patch_table, out, other)
+
+
+def _intensity_distance(samples: np.ndarray, data: np.ndarray) -> float:
+    """Wasserstein-1 distance between the pixel intensity distributions."""
+    quantiles = np.linspace(0.01, 0.99, 99)
+    return float(np.abs(np.quantile(samples, quantiles) - np.quantile(data, quantiles)).mean())
+
+
+def _row_profile_spread(patches: np.ndarray) -> float:
+    """How strongly brightness varies between rows: the layered structure of a flat retina."""
+    return float(patches.mean(axis=2).std(axis=1).mean())
+
+
+@pytest.mark.slow
+def test_training_teaches_g_the_healthy_patches_and_d_to_tell_them_apart(patch_table, tmp_path):
+    cfg = _config("train.epochs=10", "train.lr_generator=0.002", "train.lr_discriminator=0.0005")
+    summary = train(patch_table, str(tmp_path / "model"), cfg)
+    bundle = load_bundle(str(tmp_path / "model"))
+    dataset = read_training_patches(patch_table).dataset
+    data = decode_pixels(dataset.take_batch(TRAIN_PATCHES, batch_format="numpy")["pixels"])
+    # data: (256, 64, 64) in [-1, 1]
+    initial_generator, _ = build_models(cfg.model, seed=cfg.train.seed)
+    z = sample_latent(256, cfg.model, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        initial = initial_generator(z).squeeze(1).numpy()  # train mode: batch statistics
+        trained = bundle.generator(z).squeeze(1).numpy()  # eval mode: final statistics
+        real_logits = bundle.discriminator(torch.from_numpy(data[:, None]))  # (256,)
+        early_logits = bundle.discriminator(torch.from_numpy(initial[:, None]))  # (256,)
+    initial_distance = _intensity_distance(initial, data)
+    trained_distance = _intensity_distance(trained, data)
+    assert trained_distance < 0.5 * initial_distance, (initial_distance, trained_distance)
+    data_spread = _row_profile_spread(data)
+    assert abs(_row_profile_spread(trained) - data_spread) < 0.5 * abs(
+        _row_profile_spread(initial) - data_spread
+    )
+    # D ranks real patches above G's early samples: AUC over all (real, early) pairs
+    real_above_early = (real_logits[:, None] > early_logits[None, :]).float().mean()
+    assert real_above_early > 0.95, float(real_above_early)
+    assert summary["steps"] == 10 * TRAIN_PATCHES // 32
