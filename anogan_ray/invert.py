@@ -1,0 +1,308 @@
+"""Batched latent inversion and the AnoGAN scores (plain PyTorch; no Ray).
+
+For a query patch x, z is optimized with Adam for Γ steps so that G(z) matches x (METHOD.md §3):
+
+    L_R(z) = Σ |x − G(z)|                         residual loss, eq. (3)
+    L_D(z) = Σ |f(x) − f(G(z))|                   discrimination loss, eq. (4); f = D's last conv
+    L(z)   = (1 − λ)·L_R(z) + λ·L_D(z)            mapping loss, eq. (5)
+    A(x)   = (1 − λ)·R(x) + λ·D(x)                anomaly score, eq. (6)
+
+R(x) and D(x) are L_R and L_D evaluated once more at the final z_Γ, after the last update.
+The GAN_R variant ("reference" mode) replaces L_D by the reference discrimination loss of Yeh et
+al., the sigmoid cross-entropy of D(G(z)) against "real", both for the mapping and for the score.
+
+A batch of B patches is inverted at once with z of shape (B, nz). The optimized objective is the
+sum of the per-patch losses, so each z row receives exactly its own patch's gradient, and Adam is
+element-wise: every patch follows the trajectory it would follow alone. z starts from a seed
+derived from the patch id, so a patch's scores do not depend on batch size, neighbours, order or
+machine (up to the float differences of batch-size dependent conv kernels, ~1e-5 relative).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anogan_ray.model import Discriminator, Generator, ModelBundle, sample_latent
+from anogan_ray.patches import patch_seed
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["feature", "reference"]
+
+# Relative difference allowed between fast-math (TF32 / bf16) scores and fp32 scores.
+FAST_MATH_RTOL = 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (per patch; shared by training, inversion and evaluation)
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Eq. (3): Σ |x − G(z)| over each patch's pixels; (B, 1, H, W) x 2 -> (B,)."""
+    return (x - x_hat).abs().flatten(1).sum(1)
+
+
+def discrimination_loss(features_x: torch.Tensor, features_hat: torch.Tensor) -> torch.Tensor:
+    """Eq. (4), feature matching: Σ |f(x) − f(G(z))| over D's last-conv features; -> (B,)."""
+    return (features_x - features_hat).abs().flatten(1).sum(1)
+
+
+def reference_discrimination_loss(logits_hat: torch.Tensor) -> torch.Tensor:
+    """Yeh et al.'s discrimination loss: sigmoid cross-entropy of D(G(z)) against "real"; -> (B,)."""
+    return F.softplus(-logits_hat)  # == BCEWithLogits(logits, 1), elementwise
+
+
+def mapping_loss(
+    residual: torch.Tensor, discrimination: torch.Tensor, lambda_: float
+) -> torch.Tensor:
+    """Eqs. (5) and (6): (1 − λ)·residual + λ·discrimination, per patch."""
+    return (1.0 - lambda_) * residual + lambda_ * discrimination
+
+
+# ---------------------------------------------------------------------------------------------
+# Inversion
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InversionResult:
+    """Per-patch results of one mapping, each an array with one entry per patch (B,)."""
+
+    anomaly_score: np.ndarray  # A(x) (or Â(x) in reference mode), eq. (6)
+    residual_score: np.ndarray  # R(x): Σ |x − G(z_Γ)|
+    discrimination_score: np.ndarray  # D(x): feature matching, or the reference loss
+    residual_max: np.ndarray  # max over pixels of |x − G(z_Γ)|
+    residual_max_y: np.ndarray  # its row (int32)
+    residual_max_x: np.ndarray  # its column (int32)
+    z: np.ndarray | None = None  # (B, nz) final latent, on request
+    residual_map: np.ndarray | None = None  # (B, H, W) |x − G(z_Γ)|, on request
+
+
+def initial_latent(
+    patch_ids: Sequence[str], generator: Generator, latent_prior: str, device: torch.device
+) -> torch.Tensor:
+    """z_1 for each patch, drawn from the latent prior with a seed derived from its id; (B, nz).
+
+    Drawn on the CPU and then moved, so the same patch starts from the same z on every device.
+    """
+    from anogan_ray.config import ModelConfig
+
+    cfg = ModelConfig(latent_dim=generator.latent_dim, latent_prior=latent_prior)
+    rng = torch.Generator(device="cpu")
+    rows = []
+    for pid in patch_ids:
+        rng.manual_seed(patch_seed(pid))
+        rows.append(sample_latent(1, cfg, generator=rng))
+    return torch.cat(rows).to(device)  # (B, nz)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@contextlib.contextmanager
+def fast_math_context(device: torch.device, enabled: bool) -> Iterator[None]:
+    """TF32 matmuls and convolutions on CUDA while inside; a no-op on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def invert_batch(
+    model: ModelBundle | tuple[Generator, Discriminator],
+    pixels: torch.Tensor,
+    patch_ids: Sequence[str],
+    *,
+    lambda_: float = 0.1,
+    steps: int = 500,
+    z_lr: float = 0.01,
+    mode: Mode = "feature",
+    latent_prior: str | None = None,
+    return_residual_map: bool = False,
+    return_z: bool = False,
+    fast_math: bool = False,
+) -> InversionResult:
+    """Map a batch of patches to the latent space and score them.
+
+    Args:
+        model: a loaded bundle, or a (G, D) pair (put in eval mode and frozen here).
+        pixels: (B, 1, 64, 64) float patches in [-1, 1], on any device (moved to the model's).
+        patch_ids: one id per patch; seeds z_1.
+        lambda_: λ of eqs. (5) and (6).
+        steps: Γ, Adam updates of z.
+        z_lr: Adam learning rate of z.
+        mode: ``"feature"`` (AnoGAN, eq. 4) or ``"reference"`` (GAN_R, Yeh et al.).
+        latent_prior: ``"normal"`` or ``"uniform"``; by default the bundle's.
+        return_residual_map: also return |x − G(z_Γ)|, (B, 64, 64).
+        return_z: also return z_Γ, (B, nz).
+        fast_math: on CUDA, TF32 matmuls/convolutions (see :func:`check_fast_math`).
+
+    Returns:
+        An :class:`InversionResult` of numpy arrays on the CPU.
+    """
+    if isinstance(model, ModelBundle):
+        generator, discriminator = model.generator, model.discriminator
+        latent_prior = latent_prior or model.model_config.latent_prior
+    else:
+        generator, discriminator = model
+        generator.eval().requires_grad_(False)
+        discriminator.eval().requires_grad_(False)
+    latent_prior = latent_prior or "normal"
+    if mode not in ("feature", "reference"):
+        raise ValueError(f"mode {mode!r}: expected 'feature' or 'reference'")
+    if pixels.ndim != 4 or pixels.shape[1] != 1 or len(patch_ids) != pixels.shape[0]:
+        raise ValueError(
+            f"pixels of shape {tuple(pixels.shape)} with {len(patch_ids)} patch ids: "
+            "expected (B, 1, H, W) and one id per patch"
+        )
+    device = _device_of(generator)
+    x = pixels.to(device=device, dtype=torch.float32)  # (B, 1, 64, 64)
+    z0 = initial_latent(patch_ids, generator, latent_prior, device)  # (B, nz)
+
+    def discrimination(x_hat: torch.Tensor, features_x: torch.Tensor | None) -> torch.Tensor:
+        if mode == "feature":
+            return discrimination_loss(features_x, discriminator.features(x_hat))
+        return reference_discrimination_loss(discriminator(x_hat))
+
+    with fast_math_context(device, fast_math):
+        with torch.no_grad():
+            features_x = discriminator.features(x) if mode == "feature" else None  # (B, 8c, 4, 4)
+
+        z = z0.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([z], lr=z_lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                x_hat = generator(z)
+                loss = mapping_loss(
+                    residual_loss(x, x_hat), discrimination(x_hat, features_x), lambda_
+                )
+                loss.sum().backward()  # sum of per-patch losses: independent gradients per row
+                optimizer.step()
+
+        # R(x), D(x), A(x) at the final z_Γ (after the last update)
+        with torch.no_grad():
+            x_hat = generator(z)
+            residual = residual_loss(x, x_hat)
+            disc = discrimination(x_hat, features_x)
+            anomaly = mapping_loss(residual, disc, lambda_)
+            residual_map = (x - x_hat).abs()[:, 0]  # (B, H, W)
+            flat = residual_map.flatten(1)
+            residual_max, where = flat.max(1)
+            width = residual_map.shape[-1]
+
+    def cpu(t: torch.Tensor) -> np.ndarray:
+        return t.detach().float().cpu().numpy()
+
+    return InversionResult(
+        anomaly_score=cpu(anomaly),
+        residual_score=cpu(residual),
+        discrimination_score=cpu(disc),
+        residual_max=cpu(residual_max),
+        residual_max_y=(where // width).cpu().numpy().astype(np.int32),
+        residual_max_x=(where % width).cpu().numpy().astype(np.int32),
+        z=cpu(z) if return_z else None,
+        residual_map=cpu(residual_map) if return_residual_map else None,
+    )
+
+
+def discriminator_probability(
+    model: ModelBundle | tuple[Generator, Discriminator], pixels: torch.Tensor
+) -> np.ndarray:
+    """p_d: D's probability that each patch is real (the paper's P_D baseline); (B,).
+
+    A low probability means "looks unlike training data", so ``1 − p_d`` ranks anomalies; the
+    score table keeps p_d itself and evaluation uses ``-p_d``.
+    """
+    discriminator = model.discriminator if isinstance(model, ModelBundle) else model[1]
+    device = _device_of(discriminator)
+    with torch.no_grad():
+        logits = discriminator(pixels.to(device=device, dtype=torch.float32))
+    return torch.sigmoid(logits).float().cpu().numpy()
+
+
+# Score-table columns produced by :func:`score_patches`, in order.
+SCORE_COLUMNS = (
+    "anomaly_score",
+    "residual_score",
+    "discrimination_score",
+    "p_d",
+    "ref_discrimination_score",
+    "ref_anomaly_score",
+    "residual_max",
+    "residual_max_y",
+    "residual_max_x",
+)
+
+
+def score_patches(
+    model: ModelBundle | tuple[Generator, Discriminator],
+    pixels: torch.Tensor,
+    patch_ids: Sequence[str],
+    *,
+    lambda_: float = 0.1,
+    steps: int = 500,
+    z_lr: float = 0.01,
+    reference_score: bool = False,
+    return_z: bool = False,
+    fast_math: bool = False,
+) -> dict[str, np.ndarray]:
+    """All score-table columns for a batch: A, R, D, p_d, GAN_R (NaN unless requested), residual max.
+
+    Returns:
+        ``{column: (B,) array}`` for :data:`SCORE_COLUMNS`, plus ``z`` (B, nz) when ``return_z``.
+    """
+    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr, fast_math=fast_math)
+    feature = invert_batch(model, pixels, patch_ids, mode="feature", return_z=return_z, **common)
+    columns = {f.name: getattr(feature, f.name) for f in fields(feature)}
+    columns.pop("residual_map")
+    z = columns.pop("z")
+    columns["p_d"] = discriminator_probability(model, pixels)
+    nan = np.full(len(patch_ids), np.nan, dtype=np.float32)
+    columns["ref_discrimination_score"] = columns["ref_anomaly_score"] = nan
+    if reference_score:
+        ref = invert_batch(model, pixels, patch_ids, mode="reference", **common)
+        columns["ref_discrimination_score"] = ref.discrimination_score
+        columns["ref_anomaly_score"] = ref.anomaly_score
+    out = {name: columns[name] for name in SCORE_COLUMNS}
+    if return_z:
+        out["z"] = z
+    return out
+
+
+def check_fast_math(
+    model: ModelBundle | tuple[Generator, Discriminator],
+    pixels: torch.Tensor,
+    patch_ids: Sequence[str],
+    *,
+    lambda_: float,
+    steps: int,
+    z_lr: float,
+    rtol: float = FAST_MATH_RTOL,
+) -> tuple[bool, float]:
+    """Compare fast-math anomaly scores with fp32 ones on a sample batch.
+
+    Returns:
+        (within tolerance, the largest relative difference).
+    """
+    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr)
+    exact = invert_batch(model, pixels, patch_ids, **common).anomaly_score
+    fast = invert_batch(model, pixels, patch_ids, fast_math=True, **common).anomaly_score
+    worst = float(np.max(np.abs(fast - exact) / np.maximum(np.abs(exact), 1e-12)))
+    return worst <= rtol, worst

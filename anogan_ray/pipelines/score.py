@@ -1,0 +1,432 @@
+"""Patch table -> score table with a Ray Data actor pool (``anogan-ray score``).
+
+Layout of the stage folder ``out`` (local path or ``s3://``):
+
+    out/scores/*.parquet     the score table (DESIGN.md §3.4), one row per patch per scoring key
+    out/rejects/*.parquet    patches that could not be scored: patch_id, split, source, reason, key
+    out/summary.json         counts, timings and AUCs of the last run
+    out/_staging/<run>/      files Ray Data is writing now (never read as part of the table)
+
+Exactly once. A row's identity is (patch_id, model_id, lambda, steps, z_lr): a re-run with the same
+bundle and settings adds nothing, one with another λ adds a new row per patch. Ray Data's
+``write_parquet`` writes straight to its final path, so a killed job can leave a half-written file
+there; it therefore writes into ``out/_staging/<run>/``, and only the commit step moves complete
+files (their Parquet footer reads) into ``out/scores`` and ``out/rejects``, dropping rows whose key
+is already there. The commit runs at the end of every run and at the start of the next one, so the
+files finished before a kill are kept, half-written ones are discarded, and the next run scores
+exactly the patches that are still missing. One job at a time per ``out`` folder.
+
+Malformed patches (pixels of the wrong size, NaN or infinite, outside 0..255) are not scored; they
+go to the rejects table with the reason. A float ``pixels`` column is read on the same 0..255 scale
+as the contract's uint8 and rounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from anogan_ray import storage
+from anogan_ray.config import ScoreConfig
+from anogan_ray.invert import SCORE_COLUMNS, check_fast_math, score_patches
+from anogan_ray.model import load_bundle
+from anogan_ray.patches import PATCH_COLUMNS, PATCH_SIZE, decode_pixels
+from anogan_ray.pipelines import ensure_ray
+from anogan_ray.pipelines.preprocess import read_patch_table
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ("patch_id", "model_id", "lambda", "steps", "z_lr")
+META_COLUMNS = tuple(c for c in PATCH_COLUMNS if c != "pixels")
+REJECT_REASON = "reject_reason"  # internal column: "" for a scored row
+THREADS_PER_CPU_ACTOR = 2  # torch threads per scoring actor on CPU (measured best on 2 cores)
+AUC_COLUMNS = {  # score column -> sign that makes "larger = more anomalous"
+    "anomaly_score": 1.0,
+    "residual_score": 1.0,
+    "discrimination_score": 1.0,
+    "p_d": -1.0,  # D's probability of "real": low means anomalous
+    "ref_anomaly_score": 1.0,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and decoding (CPU, runs in Ray Data tasks)
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate(values: Any) -> tuple[np.ndarray | None, str]:
+    """One stored ``pixels`` value -> (uint8 (64, 64), "") or (None, reason)."""
+    try:
+        array = np.asarray(values)
+        if array.dtype == object:
+            array = np.asarray(list(values), dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        return None, f"pixels not numeric ({err})"
+    if array.size != PATCH_SIZE * PATCH_SIZE:
+        return None, f"pixels have {array.size} values of shape {array.shape}, expected 64 x 64"
+    array = array.reshape(PATCH_SIZE, PATCH_SIZE)
+    if array.dtype == np.uint8:
+        return array, ""
+    if not np.issubdtype(array.dtype, np.number):
+        return None, f"pixels of type {array.dtype} are not numeric"
+    if not np.all(np.isfinite(array)):
+        return None, "pixels contain NaN or infinite values"
+    if array.min() < 0 or array.max() > 255:
+        return None, f"pixels outside 0..255 (min {array.min():g}, max {array.max():g})"
+    return np.rint(array).astype(np.uint8), ""
+
+
+def prepare_batch(batch: dict[str, np.ndarray], splits: list[str]) -> dict[str, np.ndarray]:
+    """Keep the requested splits, validate pixels; rejects keep zero pixels and a reason."""
+    keep = np.isin(batch["split"].astype(str), splits)
+    n = int(keep.sum())
+    out = {name: np.asarray(batch[name])[keep] for name in META_COLUMNS if name in batch}
+    for name in META_COLUMNS:
+        if name not in out:  # an optional column missing from this table
+            out[name] = np.full(n, -1 if name == "label" else np.nan)
+    pixels = np.zeros((n, PATCH_SIZE, PATCH_SIZE), dtype=np.uint8)
+    reasons = np.full(n, "", dtype=object)
+    for i, values in enumerate(np.asarray(batch["pixels"], dtype=object)[keep]):
+        good, reason = _validate(values)
+        if good is None:
+            reasons[i] = reason
+        else:
+            pixels[i] = good
+    out["pixels"] = pixels
+    out[REJECT_REASON] = reasons.astype(str)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The scorer actor
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchScorer:
+    """Callable scoring class for ``map_batches``: loads the bundle once, scores batches."""
+
+    def __init__(self, model: str, cfg: ScoreConfig, device: str, num_threads: int):
+        if device == "cpu":
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device)
+        self.bundle = load_bundle(model, device=self.device)
+        self.cfg = cfg
+        self.fast_math = cfg.fast_math and self.device.type == "cuda"
+        self.scored = 0
+        self.started = time.perf_counter()
+
+    def _check_fast_math(self, pixels: torch.Tensor, ids: list[str]) -> None:
+        ok, worst = check_fast_math(
+            self.bundle, pixels, ids, lambda_=self.cfg.lambda_, steps=self.cfg.steps,
+            z_lr=self.cfg.z_lr,
+        )  # fmt: skip
+        log.info("fast math vs fp32: largest relative score difference %.2e", worst)
+        if not ok:
+            log.warning("fast math differs from fp32 by %.2e; switched off", worst)
+            self.fast_math = False
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["patch_id"])
+        good = batch[REJECT_REASON] == ""
+        ids = [str(p) for p in batch["patch_id"][good]]
+        out = {name: batch[name] for name in (*META_COLUMNS, REJECT_REASON)}
+        columns = {name: np.full(n, np.nan, dtype=np.float32) for name in SCORE_COLUMNS}
+        for name in ("residual_max_y", "residual_max_x"):
+            columns[name] = np.full(n, -1, dtype=np.int32)
+        z = np.zeros((n, self.bundle.model_config.latent_dim), dtype=np.float32)
+        if ids:
+            pixels = torch.from_numpy(decode_pixels(batch["pixels"][good]))[:, None]  # (b,1,64,64)
+            if self.fast_math and self.scored == 0:
+                self._check_fast_math(pixels[:8], ids[:8])
+            scores = score_patches(
+                self.bundle, pixels, ids, lambda_=self.cfg.lambda_, steps=self.cfg.steps,
+                z_lr=self.cfg.z_lr, reference_score=self.cfg.reference_score,
+                return_z=self.cfg.save_z, fast_math=self.fast_math,
+            )  # fmt: skip
+            for name in SCORE_COLUMNS:
+                columns[name][good] = scores[name]
+            if self.cfg.save_z:
+                z[good] = scores["z"]
+        out.update(columns)
+        if self.cfg.save_z:
+            out["z"] = z
+        out["model_id"] = np.full(n, self.bundle.model_id)
+        out["lambda"] = np.full(n, self.cfg.lambda_, dtype=np.float64)
+        out["steps"] = np.full(n, self.cfg.steps, dtype=np.int32)
+        out["z_lr"] = np.full(n, self.cfg.z_lr, dtype=np.float64)
+        self.scored += len(ids)
+        rate = self.scored / (time.perf_counter() - self.started)
+        log.info("actor %d: %d patches scored (%.1f patches/s)", os.getpid(), self.scored, rate)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the tables, committing staged files
+# ---------------------------------------------------------------------------------------------
+
+
+def _key_filter(model_id: str, cfg: ScoreConfig) -> pads.Expression:
+    return (
+        (pads.field("model_id") == model_id)
+        & (pads.field("lambda") == cfg.lambda_)
+        & (pads.field("steps") == cfg.steps)
+        & (pads.field("z_lr") == cfg.z_lr)
+    )
+
+
+def _read_table(url: str, columns: list[str], where: pads.Expression | None) -> pa.Table:
+    """Rows of a committed table (all its Parquet files); empty when there is none yet."""
+    files = storage.list_files(url, ".parquet")
+    if not files:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    fs, _ = storage.arrow_filesystem(url)
+    paths = [storage.filesystem(f)[1] for f in files]
+    dataset = pads.dataset(paths, filesystem=fs, format="parquet")
+    return dataset.to_table(columns=columns, filter=where)
+
+
+def _done_ids(out: str, model_id: str, cfg: ScoreConfig) -> pa.Array:
+    """patch_ids already in the score or rejects table under this scoring key."""
+    where = _key_filter(model_id, cfg)
+    ids = [
+        _read_table(storage.join(out, table), ["patch_id"], where)["patch_id"]
+        for table in ("scores", "rejects")
+    ]
+    chunks = [c.cast(pa.string()) for column in ids for c in column.chunks]
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+def _write_atomic(table: pa.Table, url: str, staging_dir: str) -> None:
+    """Write one Parquet file so readers see all of it or nothing."""
+    if storage.is_remote(url):  # an S3 object appears only when its upload completes
+        fs, path = storage.arrow_filesystem(url)
+        pq.write_table(table, path, filesystem=fs)
+        return
+    tmp = os.path.join(storage.filesystem(staging_dir)[1], f".commit-{uuid.uuid4().hex}")
+    pq.write_table(table, tmp)
+    os.makedirs(os.path.dirname(storage.filesystem(url)[1]), exist_ok=True)
+    os.replace(tmp, storage.filesystem(url)[1])  # atomic rename on the same filesystem
+
+
+def commit_staged(out: str) -> dict[str, int]:
+    """Move complete staged files into the score and rejects tables, each row at most once.
+
+    Returns:
+        Counts: ``scored`` and ``rejected`` rows committed, ``duplicates`` dropped and
+        ``partial_files`` (half-written by a killed job) discarded.
+    """
+    counts = {"scored": 0, "rejected": 0, "duplicates": 0, "partial_files": 0}
+    staged = storage.list_files(storage.join(out, "_staging"), ".parquet")
+    fs, _ = storage.arrow_filesystem(out)
+    done: dict[tuple, set[str]] = {}
+    for url in staged:
+        path = storage.filesystem(url)[1]
+        try:
+            table = pq.read_table(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as err:  # no footer: the writer was killed
+            log.warning("discarding partial file %s (%s)", url, err)
+            counts["partial_files"] += 1
+            storage.remove(url)
+            continue
+        name = os.path.basename(path)
+        for rows, kind in (
+            (table.filter(pc.equal(table[REJECT_REASON], "")), "scored"),
+            (table.filter(pc.not_equal(table[REJECT_REASON], "")), "rejected"),
+        ):
+            if rows.num_rows == 0:
+                continue
+            model_id = rows["model_id"][0].as_py()
+            key = (kind, model_id, rows["lambda"][0].as_py(), rows["steps"][0].as_py(),
+                   rows["z_lr"][0].as_py())  # fmt: skip
+            if key not in done:
+                cfg = ScoreConfig(lambda_=key[2], steps=key[3], z_lr=key[4])
+                table_url = storage.join(out, "scores" if kind == "scored" else "rejects")
+                existing = _read_table(table_url, ["patch_id"], _key_filter(model_id, cfg))
+                done[key] = set(existing["patch_id"].to_pylist())
+            fresh = pc.invert(pc.is_in(rows["patch_id"], pa.array(list(done[key]), pa.string())))
+            counts["duplicates"] += rows.num_rows - int(pc.sum(fresh).as_py() or 0)
+            rows = rows.filter(fresh)
+            if rows.num_rows == 0:
+                continue
+            if kind == "scored":
+                rows = rows.drop_columns([REJECT_REASON])
+            else:
+                keep = ["patch_id", "split", "source", REJECT_REASON, *KEY_COLUMNS[1:]]
+                rows = rows.select(keep).rename_columns(
+                    [c if c != REJECT_REASON else "reason" for c in keep]
+                )
+            target = storage.join(out, "scores" if kind == "scored" else "rejects", name)
+            _write_atomic(rows, target, storage.parent(url))
+            done[key].update(rows["patch_id"].to_pylist())
+            counts[kind] += rows.num_rows
+        storage.remove(url)
+    with contextlib.suppress(FileNotFoundError):  # S3 "folders" vanish with their last object
+        storage.remove(storage.join(out, "_staging"))  # one job at a time: nothing else in there
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+
+def _resources(cfg: ScoreConfig) -> tuple[str, int, dict[str, Any]]:
+    """(device, number of actors, per-actor Ray resources) for this cluster."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    if use_gpu:
+        return "cuda", cfg.num_actors or max(1, gpus), {"num_gpus": 1}
+    # On CPU each actor runs 2 torch threads but asks Ray for 1 CPU, so reading and decoding
+    # still get a CPU slot next to the actors (they are short, the inversion is long).
+    actors = cfg.num_actors or max(1, cpus // THREADS_PER_CPU_ACTOR)
+    return "cpu", actors, {"num_cpus": 1}
+
+
+def _aucs(out: str, model_id: str, cfg: ScoreConfig) -> dict[str, float | None]:
+    """Patch-level ROC AUC of each score over rows labelled 0 or 1 (None: one class only)."""
+    from sklearn.metrics import roc_auc_score
+
+    table = _read_table(
+        storage.join(out, "scores"), ["label", *AUC_COLUMNS], _key_filter(model_id, cfg)
+    )
+    if table.num_rows == 0:
+        return {}
+    label = table["label"].to_numpy(zero_copy_only=False).astype(int)
+    known = (label == 0) | (label == 1)
+    result: dict[str, float | None] = {}
+    for name, sign in AUC_COLUMNS.items():
+        values = sign * table[name].to_numpy(zero_copy_only=False).astype(float)
+        usable = known & np.isfinite(values)
+        if len(set(label[usable])) < 2:
+            result[name] = None
+            continue
+        result[name] = float(roc_auc_score(label[usable], values[usable]))
+    return result
+
+
+def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any]:
+    """Score every patch of the requested splits that this model and setting have not scored yet.
+
+    Args:
+        patches: the patch table (its folder or the preprocess stage folder), local or s3.
+        model: the model bundle folder.
+        out: the stage folder; see the module docstring for its layout.
+        cfg: inversion settings, batch size, actors, device.
+
+    Returns:
+        The summary, also written to ``out/summary.json``.
+    """
+    started = time.perf_counter()
+    if not storage.list_files(patches, ".parquet"):
+        raise FileNotFoundError(f"patch table {patches}: no Parquet files found")
+    ensure_ray()
+    model_id = storage.read_json(storage.join(model, "bundle.json"))["model_id"]
+    recovered = commit_staged(out)  # files a killed run finished; half-written ones are dropped
+    if recovered["scored"] or recovered["rejected"] or recovered["partial_files"]:
+        log.info("recovered from an earlier run: %s", recovered)
+    done = _done_ids(out, model_id, cfg)
+    log.info("%d patches already scored or rejected under model %s", len(done), model_id)
+
+    done_ref = ray.put(done)
+
+    def prepare(table: pa.Table) -> dict[str, np.ndarray]:
+        done_ids = ray.get(done_ref).cast(table["patch_id"].type)
+        fresh = pc.invert(pc.is_in(table["patch_id"], value_set=done_ids))
+        table = table.filter(fresh)
+        batch = {name: _column_to_numpy(table[name]) for name in table.column_names}
+        return prepare_batch(batch, cfg.splits)
+
+    device, actors, resources = _resources(cfg)
+    staging = storage.join(out, "_staging", uuid.uuid4().hex[:12])
+    out_fs, staging_path = storage.arrow_filesystem(staging)
+    # A marker object: when nothing is left to score, Ray deletes the empty output folder, which
+    # on S3 exists only while it holds an object.
+    storage.write_bytes(storage.join(staging, "_started"), b"")
+    log.info("scoring with %d %s actor(s), batch size %d", actors, device, cfg.batch_size)
+    # Blocks of about two scoring batches: each actor task scores a few batches and hands them on,
+    # so staged files follow rows_per_file and a killed job loses little finished work.
+    context = ray.data.DataContext.get_current()
+    saved_block_size = context.target_max_block_size
+    context.target_max_block_size = 2 * cfg.batch_size * (PATCH_SIZE * PATCH_SIZE + 256)
+    scoring_started = time.perf_counter()
+    try:
+        scored = (
+            read_patch_table(patches, cfg.splits)
+            .map_batches(prepare, batch_format="pyarrow")
+            .map_batches(
+                PatchScorer,
+                fn_constructor_args=(model, cfg, device, THREADS_PER_CPU_ACTOR),
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                **resources,
+            )
+        )
+        scored.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
+    finally:
+        context.target_max_block_size = saved_block_size
+    scoring_seconds = time.perf_counter() - scoring_started
+    committed = commit_staged(out)
+
+    total = _done_ids(out, model_id, cfg)
+    rejected_total = _read_table(
+        storage.join(out, "rejects"), ["patch_id"], _key_filter(model_id, cfg)
+    ).num_rows
+    summary = {
+        "model_id": model_id,
+        "lambda": cfg.lambda_,
+        "steps": cfg.steps,
+        "z_lr": cfg.z_lr,
+        "reference_score": cfg.reference_score,
+        "splits": cfg.splits,
+        "device": device,
+        "actors": actors,
+        "batch_size": cfg.batch_size,
+        "patches_scored": committed["scored"],
+        "patches_rejected": committed["rejected"],
+        "patches_recovered_from_earlier_run": recovered["scored"] + recovered["rejected"],
+        "partial_files_discarded": recovered["partial_files"] + committed["partial_files"],
+        "patches_skipped_already_done": len(done),
+        "patches_scored_total": len(total) - rejected_total,
+        "patches_rejected_total": rejected_total,
+        "seconds": round(time.perf_counter() - started, 3),
+        "patches_per_s": round(committed["scored"] / scoring_seconds, 3),
+        "auc": _aucs(out, model_id, cfg),  # patch level; p_d enters as −p_d (low = anomalous)
+        "scores": storage.join(out, "scores"),
+        "rejects": storage.join(out, "rejects"),
+    }
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    log.info(
+        "scored %d patches (%d rejected) in %.1f s; AUC %s",
+        summary["patches_scored"], summary["patches_rejected"], summary["seconds"],
+        summary["auc"],
+    )  # fmt: skip
+    return summary
+
+
+def _column_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """An Arrow column as numpy: tensor columns as (n, ...) arrays, lists as arrays of arrays."""
+    column = column.combine_chunks()
+    if isinstance(column.type, pa.ExtensionType) and hasattr(column, "to_numpy_ndarray"):
+        return column.to_numpy_ndarray()
+    if isinstance(column.type, pa.ExtensionType):
+        return column.to_numpy()
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        values = column.to_pylist()
+        result = np.empty(len(values), dtype=object)
+        result[:] = [np.asarray(v if v is not None else [], dtype=np.float64) for v in values]
+        return result
+    return column.to_numpy(zero_copy_only=False)

@@ -1,0 +1,187 @@
+"""The scoring stage: patch table -> score table with Ray Data, exactly once, rejects, summary."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from ray.data.extensions import ArrowTensorArray
+
+from anogan_ray import storage
+from anogan_ray.config import ScoreConfig
+from anogan_ray.patches import encode_pixels, patch_id
+from anogan_ray.pipelines.score import score
+
+
+def _patch_rows(images: np.ndarray, labels: np.ndarray, split: str, volume: str) -> dict:
+    n = len(images)
+    return {
+        "patch_id": [patch_id(volume, i // 8, 0, (i % 8) * 32) for i in range(n)],
+        "subject_id": [volume.split("-")[0]] * n,
+        "volume_id": [volume] * n,
+        "bscan": np.arange(n, dtype=np.int32) // 8,
+        "y": np.zeros(n, np.int32),
+        "x": (np.arange(n, dtype=np.int32) % 8) * 32,
+        "split": [split] * n,
+        "label": labels.astype(np.int8),
+        "anomaly_fraction": labels.astype(np.float32) * 0.1,
+        "source": [f"synthetic://{volume}"] * n,
+    }
+
+
+def write_patch_table(url: str, parts: list[dict], pixels: list) -> None:
+    """A patch table like preprocess writes: Parquet, hive-partitioned by split.
+
+    ``pixels`` holds, per part, a uint8 (n, 64, 64) array (the contract's tensor column) or a
+    list of float lists (a table written by some other tool).
+    """
+    fs, path = storage.arrow_filesystem(url)
+    for i, (rows, values) in enumerate(zip(parts, pixels)):
+        if isinstance(values, np.ndarray):
+            column = ArrowTensorArray.from_numpy(values)
+        else:
+            column = pa.array(values, pa.list_(pa.float32()))
+        table = pa.table({**{k: v for k, v in rows.items() if k != "split"}, "pixels": column})
+        target = f"{path}/split={rows['split'][0]}/part-{i}.parquet"
+        if not storage.is_remote(url):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        pq.write_table(table, target, filesystem=fs)
+
+
+def read_scores(out: str, table: str = "scores") -> pa.Table:
+    files = storage.list_files(storage.join(out, table), ".parquet")
+    fs, _ = storage.arrow_filesystem(out)
+    return pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs).to_table()
+
+
+@pytest.fixture(scope="module")
+def cohort_images(synthetic_patches):
+    """24 healthy val patches; 24 healthy + 24 anomalous test patches."""
+    return {
+        "val": synthetic_patches(24, seed=10),
+        "test_healthy": synthetic_patches(24, seed=11),
+        "test_anomalous": synthetic_patches(24, seed=12, anomalous=True),
+    }
+
+
+def _standard_table(url: str, images: dict) -> int:
+    parts = [
+        _patch_rows(images["val"], np.zeros(24), "val", "s1-v"),
+        _patch_rows(images["test_healthy"], np.zeros(24), "test", "s2-h"),
+        _patch_rows(images["test_anomalous"], np.ones(24), "test", "s3-a"),
+    ]
+    pixels = [encode_pixels(images[k]) for k in ("val", "test_healthy", "test_anomalous")]
+    write_patch_table(url, parts, pixels)
+    return 72
+
+
+def test_scores_every_patch_once_on_s3_and_rerun_adds_nothing(
+    ray_local, bucket, tiny_bundle, cohort_images
+):
+    patches, out = f"{bucket}/patches", f"{bucket}/score"
+    total = _standard_table(patches, cohort_images)
+    cfg = ScoreConfig(steps=20, z_lr=0.05, batch_size=16, reference_score=True)
+
+    summary = score(patches, tiny_bundle, out, cfg)
+
+    table = read_scores(out)
+    ids = table["patch_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == total == summary["patches_scored"]
+    assert summary["patches_rejected"] == 0
+    assert storage.read_json(f"{out}/summary.json")["patches_scored_total"] == total
+    assert "pixels" not in table.column_names
+    assert set(table["model_id"].to_pylist()) == {summary["model_id"]}
+    assert np.all(np.isfinite(table["anomaly_score"].to_numpy()))
+    assert np.all(np.isfinite(table["ref_anomaly_score"].to_numpy()))
+    assert set(summary["auc"]) == {
+        "anomaly_score", "residual_score", "discrimination_score", "p_d", "ref_anomaly_score"
+    }  # fmt: skip
+
+    again = score(patches, tiny_bundle, out, cfg)
+    assert again["patches_scored"] == 0
+    assert again["patches_skipped_already_done"] == total
+    assert read_scores(out).num_rows == total
+
+    # another λ is another scoring key: one more row per patch, not a duplicate
+    other = score(patches, tiny_bundle, out, ScoreConfig(lambda_=0.3, steps=5, batch_size=32))
+    assert other["patches_scored"] == total
+    assert read_scores(out).num_rows == 2 * total
+
+
+def test_malformed_patches_go_to_rejects_and_the_rest_is_scored(
+    ray_local, tmp_path, tiny_bundle, synthetic_patches
+):
+    """A patch table written by another tool, with a float list `pixels` column."""
+    good = encode_pixels(synthetic_patches(10, seed=20)).astype(np.float32)
+    values = [row.ravel().tolist() for row in good]
+    values += [
+        [float("nan")] * 4096,  # NaN pixels
+        [1.0] * 1000,  # wrong size
+        [300.0] * 4096,  # outside 0..255
+    ]
+    rows = _patch_rows(np.zeros((13, 64, 64)), np.zeros(13), "test", "s9-bad")
+    patches, out = str(tmp_path / "patches"), str(tmp_path / "score")
+    write_patch_table(patches, [rows], [values])
+
+    summary = score(patches, tiny_bundle, out, ScoreConfig(steps=5, batch_size=8))
+
+    assert summary["patches_scored"] == 10
+    assert summary["patches_rejected"] == 3
+    rejects = read_scores(out, "rejects").to_pydict()
+    reasons = dict(zip(rejects["patch_id"], rejects["reason"]))
+    assert set(reasons) == set(rows["patch_id"][10:])
+    assert "NaN" in reasons[rows["patch_id"][10]]
+    assert "1000 values" in reasons[rows["patch_id"][11]]
+    assert "outside 0..255" in reasons[rows["patch_id"][12]]
+    assert set(read_scores(out)["patch_id"].to_pylist()) == set(rows["patch_id"][:10])
+    # the rejects are not retried (nor duplicated) by a re-run
+    assert (
+        score(patches, tiny_bundle, out, ScoreConfig(steps=5, batch_size=8))["patches_rejected"]
+        == 0
+    )
+    assert read_scores(out, "rejects").num_rows == 3
+
+
+def test_killed_job_resumes_and_scores_every_patch_exactly_once(
+    ray_local, tmp_path, tiny_bundle, synthetic_patches
+):
+    n = 96
+    images = synthetic_patches(n, seed=30)
+    patches, out = str(tmp_path / "patches"), str(tmp_path / "score")
+    write_patch_table(
+        patches, [_patch_rows(images, np.zeros(n), "test", "s4-k")], [encode_pixels(images)]
+    )
+    settings = "steps=20, z_lr=0.05, batch_size=8, rows_per_file=8"
+    code = (
+        "from anogan_ray.config import ScoreConfig; from anogan_ray.pipelines.score import score; "
+        f"score({patches!r}, {tiny_bundle!r}, {out!r}, ScoreConfig({settings}))"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    job = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    staging = tmp_path / "score" / "_staging"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:
+        if len(list(staging.rglob("*.parquet"))) >= 2:
+            break
+        time.sleep(0.2)
+    assert job.poll() is None, "the job finished before it could be killed"
+    os.killpg(job.pid, signal.SIGKILL)  # a real kill, mid-run
+    job.wait()
+    assert not (tmp_path / "score" / "summary.json").exists()
+
+    summary = score(patches, tiny_bundle, out, ScoreConfig(steps=20, z_lr=0.05, batch_size=8))
+
+    ids = read_scores(out)["patch_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == n  # every patch, exactly once
+    assert summary["patches_recovered_from_earlier_run"] > 0  # the killed run's finished files
+    assert summary["patches_scored"] < n  # the re-run scored only what was left
+    assert summary["patches_scored_total"] == n
+    assert not list(staging.rglob("*.parquet"))
