@@ -50,6 +50,8 @@ class PhantomConfig:
     height: int = _at_least(128, 496)  # pixels along z (depth), like Spectralis
     width: int = _at_least(64, 512)  # A-scans per B-scan, like Spectralis
     spacing_x_um: float = _positive(11.5)  # A-scan spacing; resampled to 22 µm this is ~256 columns
+    speckle_looks: float = _positive(4.0)  # gamma shape of the speckle: 1 = one raw frame; higher
+    # = averaged frames, as Spectralis' ART averaging (the paper's data) gives
     pathology_burden: float = _positive(1.0)  # scales the number and size of lesions
     pathologies: list[str] = field(
         default_factory=lambda: ["intraretinal_fluid", "subretinal_fluid", "foci", "drusen"],
@@ -136,6 +138,15 @@ class TuneConfig:
     scheduler: str = _choices("asha", "fifo", default="asha")  # ASHA stops weak trials early
     grace_period: int = _at_least(1, 1)  # epochs before ASHA may stop a trial
     max_concurrent: int = _at_least(1, 2)  # trials at once
+    z_lr: list[float] = field(default_factory=list)  # choices of z's Adam rate ([]: score.z_lr)
+    steps: list[int] = field(default_factory=list)  # choices of inversion steps ([]: score.steps)
+    reduction_factor: float = _at_least(2, 3)  # ASHA keeps the best 1/reduction_factor per rung
+    objective: str = _choices("auto", "labels", "synthetic", default="auto")  # auto: labels if
+    # `val` holds healthy and anomalous patches, else synthetic lesions on healthy val patches
+    val_patches: int = _at_least(2, 256)  # val patches inverted per evaluation (fixed subset)
+    synthetic_patches: int = _at_least(0, 128)  # healthy val patches copied with a lesion
+    run_name: str = "sweep"  # re-running with the same name resumes the sweep
+    seed: int = 0  # seeds the sampled learning rates
 
 
 @dataclass

@@ -524,9 +524,9 @@ def _vessel_shadows(
         refl[:, span] *= 1.0 - strength * below * profile[None, span]
 
 
-def _speckle(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Multiplicative speckle with mean 1: gamma noise, grains ~2 rows by ~1 column."""
-    gamma = rng.standard_gamma(2.0, size=shape, dtype=np.float32) * 0.5
+def _speckle(shape: tuple[int, int], looks: float, rng: np.random.Generator) -> np.ndarray:
+    """Multiplicative speckle with mean 1: gamma noise of shape ``looks``, grains ~2 x ~1 px."""
+    gamma = rng.standard_gamma(looks, size=shape, dtype=np.float32) / np.float32(looks)
     return ndimage.gaussian_filter(gamma, (0.8, 0.45))
 
 
@@ -592,7 +592,7 @@ def generate_volume(
         depth = np.maximum(rows - interfaces[0][None, :].astype(np.float32), 0)
         refl *= np.exp(-depth / np.float32(5.0 * geo.thickness))
         refl *= gain * (1 + 0.04 * _smooth_wiggle(noise_rng, np.linspace(-1, 1, width)))[None, :]
-        noisy = refl * _speckle((height, width), noise_rng)
+        noisy = refl * _speckle((height, width), cfg.speckle_looks, noise_rng)
         # the detector's noise floor: Rayleigh, scale 2.5
         noisy += 2.5 * np.sqrt(2 * noise_rng.standard_exponential((height, width), np.float32))
         image[b] = np.clip(noisy, 0, 255).astype(np.uint8)

@@ -22,5 +22,5 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True)  # dashboard on 127.0.0.1:8265
     log.info("ray resources: %s", ray.cluster_resources())
