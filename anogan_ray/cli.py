@@ -67,6 +67,14 @@ def _score(args: argparse.Namespace) -> dict[str, Any]:
     return score(args.patches, args.model, args.out, _config(args).score)
 
 
+def _tune(args: argparse.Namespace) -> dict[str, Any]:
+    from anogan_ray.pipelines.tune import leaderboard, tune
+
+    summary = tune(args.patches, args.out, _config(args))
+    print(leaderboard(args.out), file=sys.stderr)
+    return summary
+
+
 def _query(args: argparse.Namespace) -> None:
     from anogan_ray import query
 
@@ -200,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches", required=True, help="patch table written by `preprocess`")
     p.add_argument("--model", required=True, help="model bundle written by `train`")
     p.add_argument("--out", required=True, help="output folder for the score table")
+    _add_config_options(p)
+
+    p = command(
+        "tune",
+        _tune,
+        "Sweep G's and D's learning rates (and z's rate, the inversion steps) with Ray Tune, "
+        "ASHA stopping weak trials; every trial's model is scored at each λ on the val split "
+        "(labelled AUC, or synthetic-lesion AUC without labels). Prints the leaderboard, writes "
+        "the trials table and the best model bundle; re-running resumes an interrupted sweep.",
+    )
+    p.add_argument("--patches", required=True, help="patch table written by `preprocess`")
+    p.add_argument("--out", required=True, help="sweep folder: trials, best_model, summary")
     _add_config_options(p)
 
     p = command(

@@ -63,7 +63,7 @@ def ray_local(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

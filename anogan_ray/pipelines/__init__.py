@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the Ray cluster in ``RAY_ADDRESS`` (a job on a cluster), or start a local one.
 
-    Inside ``ray job submit`` Ray is reached through ``RAY_ADDRESS``; on a laptop, in tests and
-    in the demo a local Ray starts here. An already initialized Ray (a test fixture) is reused.
+    Inside ``ray job submit`` Ray is reached through ``RAY_ADDRESS`` (``RAY_ADDRESS=auto`` joins a
+    cluster started with ``ray start`` on this machine). Without it a fresh local Ray starts here,
+    never silently joining another one. An already initialized Ray (a test fixture) is reused.
     """
     if ray.is_initialized():
         return
@@ -22,5 +23,5 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)  # dashboard on 127.0.0.1:8265
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)  # dashboard: 127.0.0.1
     log.info("ray resources: %s", ray.cluster_resources())

@@ -247,6 +247,68 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def gan_step(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    optimizer_g: torch.optim.Optimizer,
+    optimizer_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    model_cfg: ModelConfig,
+    *,
+    real_target: torch.Tensor | None = None,
+    fake_target: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One adversarial update of D, then of G, on a batch of real patches.
+
+    Shared by the Ray Train workers here and the Ray Tune trials (``pipelines/tune.py``). G and
+    D may be DDP-wrapped; z is drawn from torch's global generator, one per real patch.
+
+    Args:
+        real: (B, 1, 64, 64) patches in [-1, 1], on the models' device.
+        real_target, fake_target: (B,) ones and zeros (made here when not given).
+
+    Returns:
+        A detached (4,) tensor: D's loss, G's loss, mean D(x), mean D(G(z)) before D's update.
+    """
+    batch_size = real.shape[0]
+    if real_target is None:
+        real_target = torch.ones(batch_size, device=real.device)
+    if fake_target is None:
+        fake_target = torch.zeros(batch_size, device=real.device)
+
+    # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
+    optimizer_d.zero_grad(set_to_none=True)
+    real_logits = discriminator(real)  # (B,)
+    loss_d_real = F.binary_cross_entropy_with_logits(real_logits, real_target)
+    loss_d_real.backward()
+    z = sample_latent(batch_size, model_cfg, device=real.device)  # (B, latent_dim)
+    fake = generator(z)  # (B, 1, 64, 64)
+    fake_logits = discriminator(fake.detach())
+    loss_d_fake = F.binary_cross_entropy_with_logits(fake_logits, fake_target)
+    loss_d_fake.backward()
+    optimizer_d.step()
+
+    # (2) Update G network: maximize log(D(G(z))), the non-saturating form of
+    # minimizing log(1 - D(G(z))) (same fixed point, stronger gradients early on).
+    # D runs outside its DDP wrapper with frozen weights: only G's gradients are synced.
+    optimizer_g.zero_grad(set_to_none=True)
+    plain_discriminator = _unwrap(discriminator).requires_grad_(False)
+    loss_g = F.binary_cross_entropy_with_logits(plain_discriminator(fake), real_target)
+    loss_g.backward()
+    plain_discriminator.requires_grad_(True)
+    optimizer_g.step()
+
+    with torch.no_grad():
+        return torch.stack(
+            [
+                (loss_d_real + loss_d_fake).detach(),
+                loss_g.detach(),
+                torch.sigmoid(real_logits).mean(),
+                torch.sigmoid(fake_logits).mean(),
+            ]
+        )
+
+
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["config"])
     model_cfg, train_cfg = cfg.model, cfg.train
@@ -365,38 +427,16 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker failure, for the tests
             real = torch.from_numpy(decode_pixels(batch["pixels"])).unsqueeze(1).to(device)
             # real: (B, 1, 64, 64) in [-1, 1]
-
-            # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
-            optimizer_d.zero_grad(set_to_none=True)
-            real_logits = discriminator(real)  # (B,)
-            loss_d_real = F.binary_cross_entropy_with_logits(real_logits, real_target)
-            loss_d_real.backward()
-            z = sample_latent(train_cfg.batch_size, model_cfg, device=device)  # (B, latent_dim)
-            fake = generator(z)  # (B, 1, 64, 64)
-            fake_logits = discriminator(fake.detach())
-            loss_d_fake = F.binary_cross_entropy_with_logits(fake_logits, fake_target)
-            loss_d_fake.backward()
-            optimizer_d.step()
-
-            # (2) Update G network: maximize log(D(G(z))), the non-saturating form of
-            # minimizing log(1 - D(G(z))) (same fixed point, stronger gradients early on).
-            # D runs outside its DDP wrapper with frozen weights: only G's gradients are synced.
-            optimizer_g.zero_grad(set_to_none=True)
-            plain_discriminator = _unwrap(discriminator).requires_grad_(False)
-            loss_g = F.binary_cross_entropy_with_logits(plain_discriminator(fake), real_target)
-            loss_g.backward()
-            plain_discriminator.requires_grad_(True)
-            optimizer_g.step()
-
-            with torch.no_grad():
-                sums += torch.stack(
-                    [
-                        (loss_d_real + loss_d_fake).detach(),
-                        loss_g.detach(),
-                        torch.sigmoid(real_logits).mean(),
-                        torch.sigmoid(fake_logits).mean(),
-                    ]
-                )
+            sums += gan_step(
+                generator,
+                discriminator,
+                optimizer_g,
+                optimizer_d,
+                real,
+                model_cfg,
+                real_target=real_target,
+                fake_target=fake_target,
+            )
             sums_steps += 1
             step += 1
             end_of_epoch = batch_index + 1 == steps_per_epoch

@@ -1,0 +1,177 @@
+"""Ray Tune sweeps: complete results, the best trial is the argmax and scores, resume, bad spaces."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from anogan_ray import storage
+from anogan_ray.config import ConfigError, load_config
+from anogan_ray.invert import score_patches
+from anogan_ray.model import load_bundle
+from anogan_ray.patches import decode_pixels, encode_pixels
+from anogan_ray.pipelines.preprocess import read_patch_table
+from anogan_ray.pipelines.tune import (
+    SweepInterrupted,
+    add_synthetic_lesion,
+    evaluate_objective,
+    lambda_key,
+    make_sweep_data,
+    tune,
+)
+
+LAMBDAS = [0.1, 0.3]
+
+
+def _config(*overrides: str):
+    return load_config(
+        "tiny",
+        [
+            "phantom.healthy_subjects=5",
+            "phantom.pathological_subjects=2",
+            "preprocess.patches_per_bscan=16",
+            "train.batchnorm_samples=256",
+            f"tune.lambdas={LAMBDAS}",
+            "tune.num_samples=2",
+            "tune.lr_generator=[0.0001, 0.003]",
+            "tune.lr_discriminator=[0.0001, 0.003]",
+            "score.steps=15",
+            "tune.val_patches=32",
+            "tune.synthetic_patches=16",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def phantom_patches(ray_local, tmp_path_factory) -> str:
+    """A phantom patch table whose `val` split holds a healthy and a pathological subject."""
+    from anogan_ray.phantom import write_cohort
+    from anogan_ray.pipelines.preprocess import preprocess
+
+    cfg = _config()
+    root = tmp_path_factory.mktemp("tune_phantom")
+    write_cohort(cfg.phantom, str(root / "cohort"))
+    manifest = pd.read_csv(root / "cohort" / "manifest.csv")
+    pathological = sorted(manifest.loc[manifest["label"] == 1, "subject_id"])[0]
+    manifest.loc[manifest["subject_id"] == pathological, "split"] = "val"  # a labelled val split
+    manifest.to_csv(root / "cohort" / "manifest.csv", index=False)
+    preprocess(str(root / "cohort" / "manifest.csv"), str(root / "patches"), cfg.preprocess)
+    return str(root / "patches")
+
+
+def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
+    phantom_patches, tmp_path
+):
+    cfg = _config("tune.scheduler=asha", "tune.grace_period=1")
+    summary = tune(phantom_patches, str(tmp_path), cfg)
+
+    trials = pd.read_parquet(tmp_path / "trials.parquet")
+    history = pd.read_parquet(tmp_path / "history.parquet")
+    assert summary == json.loads((tmp_path / "summary.json").read_text())
+    assert summary["objective"] == "labels" and summary["val_anomalous"] > 0
+    # every trial is in the table with its config, and every λ was scored on its model
+    assert len(trials) == cfg.tune.num_samples == trials["trial_id"].nunique()
+    assert (trials["status"] == "terminated").all()
+    for column in ("lr_generator", "lr_discriminator", "objective", "val_auc", "synthetic_auc"):
+        assert trials[column].notna().all(), column
+    for lambda_ in LAMBDAS:
+        assert trials[lambda_key("val_auc", lambda_)].between(0, 1).all()
+        assert trials[lambda_key("synthetic_auc", lambda_)].between(0, 1).all()
+    # the objective is the best λ's labelled AUC, and the best trial has the best objective
+    per_lambda = trials[[lambda_key("val_auc", lam) for lam in LAMBDAS]]
+    np.testing.assert_allclose(trials["objective"], per_lambda.max(axis=1))
+    best_row = trials.loc[trials["objective"].idxmax()]
+    assert summary["best"]["trial_id"] == best_row["trial_id"]
+    assert summary["best"]["objective"] == pytest.approx(best_row["objective"])
+    assert summary["best"]["config"]["lambda"] in LAMBDAS
+    lr_range = cfg.tune.lr_generator
+    assert lr_range[0] <= summary["best"]["config"]["lr_generator"] <= lr_range[1]
+    # ASHA may stop a trial after its grace epoch; every trial reported each epoch it trained
+    assert trials["epochs"].between(1, cfg.train.epochs).all()
+    assert (trials["stopped_early"] == (trials["epochs"] < cfg.train.epochs)).all()
+    assert len(history) == trials["epochs"].sum()
+    assert summary["agreement_with_val_auc"]["points"] == len(history)
+
+    # the best model is a bundle that loads and scores; it is the best trial's last epoch
+    bundle = load_bundle(summary["best_model"])
+    assert bundle.model_id == summary["model_id"]
+    assert bundle.metadata["epochs"] == best_row["epochs"]
+    val = read_patch_table(phantom_patches, ["val"]).take(8)
+    pixels = torch.from_numpy(decode_pixels(np.stack([row["pixels"] for row in val])))[:, None]
+    scores = score_patches(
+        bundle, pixels, [row["patch_id"] for row in val], lambda_=0.1, steps=5, z_lr=0.05
+    )
+    assert np.isfinite(scores["anomaly_score"]).all()
+
+
+def test_interrupted_sweep_resumes_without_rerunning_the_finished_trial(phantom_patches, bucket):
+    cfg = _config("tune.scheduler=fifo", "tune.max_concurrent=1", "train.epochs=1")
+    out = f"{bucket}/sweep"
+    with pytest.raises(SweepInterrupted, match="run the same command again"):
+        tune(phantom_patches, out, cfg, interrupt_after_trials=1)
+    experiment = storage.join(out, "_tune", cfg.tune.run_name)
+    done = {url: storage.read_bytes(url) for url in storage.list_files(experiment, "result.json")}
+    finished = [url for url, data in done.items() if data.strip()]
+    assert len(finished) == 1  # one trial reported (and finished) before the interruption
+
+    summary = tune(phantom_patches, out, cfg)
+    assert summary["resumed"] and summary["trials"] == 2
+    trials = pd.read_parquet(storage.open_file(summary["trials_table"]))
+    assert (trials["status"] == "terminated").all() and trials["objective"].notna().all()
+    # the finished trial was not run again: its results are byte for byte what they were
+    assert storage.read_bytes(finished[0]) == done[finished[0]]
+    history = pd.read_parquet(storage.open_file(summary["history_table"]))
+    assert history.groupby("trial_id").size().tolist() == [1, 1]
+    assert load_bundle(summary["best_model"]).model_id == summary["model_id"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("tune.lr_generator=[-0.001, 0.001]", "tune.lr_generator"),
+        ("tune.lr_discriminator=[0.01, 0.001]", "tune.lr_discriminator"),
+        ("tune.lambdas=[0.1, 1.5]", "tune.lambdas"),
+        ("tune.z_lr=[0.0]", "tune.z_lr"),
+    ],
+)
+def test_an_invalid_search_space_is_rejected_before_any_trial_starts(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=key):
+        tune(str(tmp_path / "no-patches"), str(tmp_path / "out"), _config(override))
+    assert not os.path.exists(tmp_path / "out")  # nothing was read, started or written
+
+
+# --- the objectives, without Ray: a small GAN trained on synthetic healthy patches ---
+
+
+def test_synthetic_lesions_are_local_and_reproducible(synthetic_patches):
+    patch = synthetic_patches(1, seed=3)[0]
+    lesioned = add_synthetic_lesion(patch, seed=11)
+    changed = lesioned != patch
+    assert 10 < changed.sum() < 0.1 * patch.size  # one small lesion, the rest untouched
+    np.testing.assert_array_equal(lesioned, add_synthetic_lesion(patch, seed=11))
+    assert lesioned.min() >= -1 and lesioned.max() <= 1
+
+
+def test_without_labels_the_objective_is_the_synthetic_lesion_auc(tiny_bundle, synthetic_patches):
+    cfg = _config("tune.val_patches=24", "tune.synthetic_patches=12")
+    train = encode_pixels(synthetic_patches(32, seed=1))
+    val = encode_pixels(synthetic_patches(24, seed=2))
+    ids = np.array([f"val/b0000/y0000x{i:04d}" for i in range(24)])
+    data = make_sweep_data(train, ids, np.full(24, -1), val, cfg)  # no labels at all
+    assert data.objective == "synthetic" and data.synthetic.sum() == 12
+    bundle = load_bundle(tiny_bundle)
+    kwargs = dict(steps=30, z_lr=0.05, batch_size=64, latent_prior="normal")
+    metrics = evaluate_objective(bundle.generator, bundle.discriminator, data, LAMBDAS, **kwargs)
+    assert math.isnan(metrics["val_auc"])  # nothing labelled
+    best = max(metrics[lambda_key("synthetic_auc", lam)] for lam in LAMBDAS)
+    assert metrics["objective"] == best == metrics["synthetic_auc"]
+    assert metrics["objective"] > 0.5  # a GAN trained on healthy patches flags pasted lesions
+    again = evaluate_objective(bundle.generator, bundle.discriminator, data, LAMBDAS, **kwargs)
+    assert again == metrics  # a fixed evaluation set and seeded z: the same objective
