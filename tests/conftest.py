@@ -62,10 +62,16 @@ def ray_local(s3_server):
     """One local Ray with 2 CPUs for the whole session (as Ray's own tests do)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, log_to_driver=False)
+    _start_local_ray()
     yield ray
     ray.shutdown()
+
+
+def _start_local_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, log_to_driver=False)
 
 
 @pytest.fixture(scope="session")
@@ -287,3 +293,63 @@ def tiny_bundle(tmp_path_factory, tiny_config) -> str:
     url = str(tmp_path_factory.mktemp("tiny_bundle"))
     save_bundle(url, generator.eval(), discriminator.eval(), cfg, {"run": "conftest tiny_bundle"})
     return url
+
+
+# --- cluster tests (issue 8): a module that needs a Ray of its own (a multi-node Cluster) ---
+
+
+@pytest.fixture(scope="module")
+def without_session_ray():
+    """Shut the session's local Ray down for this module (one Ray per driver process) and bring
+    it back afterwards, so ``ray_local`` and the fixtures built on it stay valid."""
+    import ray
+
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if was_up:
+        _start_local_ray()
+
+
+@pytest.fixture(scope="session")
+def write_synthetic_patch_table():
+    """A function ``(url, {split: n}) -> patch ids`` writing synthetic healthy patches as a
+    patch table (hive-partitioned by split, one Parquet file per split, local or s3)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    from anogan_ray import storage
+    from anogan_ray.patches import encode_pixels, patch_id
+
+    def write(url: str, counts: dict[str, int]) -> list[str]:
+        fs, root = storage.arrow_filesystem(url)
+        ids: list[str] = []
+        for seed, (split, n) in enumerate(counts.items()):
+            volume = f"{split}-vol"
+            table = pa.table(
+                {
+                    "patch_id": [patch_id(volume, i // 8, 0, 32 * (i % 8)) for i in range(n)],
+                    "subject_id": [f"{split}-subject"] * n,
+                    "volume_id": [volume] * n,
+                    "bscan": np.arange(n, dtype=np.int32) // 8,
+                    "y": np.zeros(n, np.int32),
+                    "x": 32 * (np.arange(n, dtype=np.int32) % 8),
+                    "pixels": ArrowTensorArray.from_numpy(
+                        encode_pixels(synthetic_oct_patches(n, seed=100 + seed))
+                    ),
+                    "label": np.zeros(n, np.int8),
+                    "anomaly_fraction": np.zeros(n, np.float32),
+                    "source": [f"synthetic://{volume}"] * n,
+                }
+            )
+            path = f"{root}/split={split}/part-0.parquet"
+            if not storage.is_remote(url):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            pq.write_table(table, path, filesystem=fs)
+            ids += table["patch_id"].to_pylist()
+        return ids
+
+    return write
