@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tune",
         _tune,
         "Sweep G's and D's learning rates (and z's rate, the inversion steps) with Ray Tune, "
-        "ASHA stopping weak trials; every trial's model is scored at each λ on the val split "
+        "each trial a Ray Train run like `train`, ASHA stopping weak trials; every trial's "
+        "model is scored after each epoch at each λ on the val split "
         "(labelled AUC, or synthetic-lesion AUC without labels). Prints the leaderboard, writes "
         "the trials table and the best model bundle; re-running resumes an interrupted sweep.",
     )

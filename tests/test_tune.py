@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 import torch
 
 from anogan_ray import storage
@@ -22,7 +24,7 @@ from anogan_ray.pipelines.tune import (
     add_synthetic_lesion,
     evaluate_objective,
     lambda_key,
-    make_sweep_data,
+    make_evaluation_set,
     tune,
 )
 
@@ -98,6 +100,17 @@ def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
     assert (trials["stopped_early"] == (trials["epochs"] < cfg.train.epochs)).all()
     assert len(history) == trials["epochs"].sum()
     assert summary["agreement_with_val_auc"]["points"] == len(history)
+    # each trial is a Ray Train run with its own checkpoints and sample grids, as many at once
+    # as the 2 CPUs hold; stopped or finished, no trial leaves workers holding them
+    assert summary["max_concurrent_trials"] == 2
+    for trial_id in trials["trial_id"]:
+        trial = tmp_path / "_trials" / cfg.tune.run_name / trial_id
+        assert list((trial / "_runs" / cfg.train.run_name).glob("checkpoint_*/state.pt"))
+        assert len(list((trial / "samples").glob("epoch_*.png"))) >= 1
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.5)
 
     # the best model is a bundle that loads and scores; it is the best trial's last epoch
     bundle = load_bundle(summary["best_model"])
@@ -161,10 +174,9 @@ def test_synthetic_lesions_are_local_and_reproducible(synthetic_patches):
 
 def test_without_labels_the_objective_is_the_synthetic_lesion_auc(tiny_bundle, synthetic_patches):
     cfg = _config("tune.val_patches=24", "tune.synthetic_patches=12")
-    train = encode_pixels(synthetic_patches(32, seed=1))
     val = encode_pixels(synthetic_patches(24, seed=2))
     ids = np.array([f"val/b0000/y0000x{i:04d}" for i in range(24)])
-    data = make_sweep_data(train, ids, np.full(24, -1), val, cfg)  # no labels at all
+    data = make_evaluation_set(ids, np.full(24, -1), val, cfg)  # no labels at all
     assert data.objective == "synthetic" and data.synthetic.sum() == 12
     bundle = load_bundle(tiny_bundle)
     kwargs = dict(steps=30, z_lr=0.05, batch_size=64, latent_prior="normal")

@@ -24,6 +24,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,47 +127,10 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
     ensure_ray()
     train_cfg = cfg.train
     data = read_training_patches(patches)
-    shard_size = data.num_patches // train_cfg.num_workers  # streaming_split(equal=True)
-    steps_per_epoch = shard_size // train_cfg.batch_size  # full batches only (BatchNorm)
-    if steps_per_epoch == 0:
-        raise TrainError(
-            f"patch table {patches}: {data.num_patches} training patches are fewer than "
-            f"train.batch_size x train.num_workers = {train_cfg.batch_size * train_cfg.num_workers}"
-        )
-    total_steps = steps_per_epoch * train_cfg.epochs
-    if train_cfg.max_steps:
-        total_steps = min(total_steps, train_cfg.max_steps)
-
-    runs_url = storage.join(out, RUNS_FOLDER)
-    run_url = storage.join(runs_url, train_cfg.run_name)
+    steps_per_epoch, total_steps = plan_steps(data, cfg)
+    run_url = storage.join(out, RUNS_FOLDER, train_cfg.run_name)
     _check_previous_run(run_url, cfg.model, data.fingerprint)
-    storage_fs, storage_path = storage.arrow_filesystem(runs_url)
-    loop_config = {
-        "config": cfg.to_dict(),
-        "out": out,
-        "fingerprint": data.fingerprint,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "crash_at_step": crash_at_step,
-    }
-    resources = {"CPU": 1, "GPU": 1} if train_cfg.use_gpu else {"CPU": 1}
-    trainer = ray.train.torch.TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=train_cfg.num_workers,
-            use_gpu=train_cfg.use_gpu,
-            resources_per_worker=resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=train_cfg.run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={TRAIN_SPLIT: data.dataset},
-    )
+    trainer = make_trainer(data, out, cfg, crash_at_step=crash_at_step)
     result = trainer.fit()
     if result.checkpoint is None:
         raise TrainError(f"training run {run_url} finished without a checkpoint")
@@ -217,6 +181,84 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
     return summary
 
 
+def plan_steps(data: TrainingPatches, cfg: Config) -> tuple[int, int]:
+    """``(steps per epoch, total steps)`` of a run over ``data``: full batches of every shard.
+
+    Raises:
+        TrainError: fewer training patches than one batch on every worker.
+    """
+    train_cfg = cfg.train
+    shard_size = data.num_patches // train_cfg.num_workers  # streaming_split(equal=True)
+    steps_per_epoch = shard_size // train_cfg.batch_size  # full batches only (BatchNorm)
+    if steps_per_epoch == 0:
+        raise TrainError(
+            f"patch table {data.url}: {data.num_patches} training patches are fewer than "
+            f"train.batch_size x train.num_workers = {train_cfg.batch_size * train_cfg.num_workers}"
+        )
+    total_steps = steps_per_epoch * train_cfg.epochs
+    if train_cfg.max_steps:
+        total_steps = min(total_steps, train_cfg.max_steps)
+    return steps_per_epoch, total_steps
+
+
+EpochEnd = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def make_trainer(
+    data: TrainingPatches,
+    out: str,
+    cfg: Config,
+    *,
+    epoch_end: EpochEnd | None = None,
+    callbacks: list | None = None,
+    crash_at_step: int | None = None,
+) -> ray.train.torch.TorchTrainer:
+    """The ``TorchTrainer`` of a training run: ``anogan-ray train`` and every sweep trial.
+
+    The run's checkpoints go to ``out/_runs/<train.run_name>`` (the same name resumes), its
+    sample grids to ``out/samples``.
+
+    Args:
+        epoch_end: called on rank 0 after every epoch (and at the last step) with the state of
+            G and D (CPU state dicts, ``"generator"`` and ``"discriminator"``) and ``"epoch"``;
+            the metrics it returns are reported with the epoch's. A sweep evaluates its
+            objective here.
+        callbacks: Ray Train callbacks (a sweep trial's ``TuneReportCallback``).
+        crash_at_step: see :func:`train`.
+    """
+    train_cfg = cfg.train
+    steps_per_epoch, total_steps = plan_steps(data, cfg)
+    storage_fs, storage_path = storage.arrow_filesystem(storage.join(out, RUNS_FOLDER))
+    loop_config = {
+        "config": cfg.to_dict(),
+        "out": out,
+        "fingerprint": data.fingerprint,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "crash_at_step": crash_at_step,
+        "epoch_end": epoch_end,
+    }
+    resources = {"CPU": 1, "GPU": 1} if train_cfg.use_gpu else {"CPU": 1}
+    return ray.train.torch.TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train_cfg.num_workers,
+            use_gpu=train_cfg.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=train_cfg.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets={TRAIN_SPLIT: data.dataset},
+    )
+
+
 def _check_previous_run(run_url: str, model_cfg: ModelConfig, fingerprint: str) -> None:
     """Refuse to resume a run that trained another architecture or on other data."""
     for meta_url in storage.list_files(run_url, suffix=_META_FILE):
@@ -260,8 +302,7 @@ def gan_step(
 ) -> torch.Tensor:
     """One adversarial update of D, then of G, on a batch of real patches.
 
-    Shared by the Ray Train workers here and the Ray Tune trials (``pipelines/tune.py``). G and
-    D may be DDP-wrapped; z is drawn from torch's global generator, one per real patch.
+    G and D may be DDP-wrapped; z is drawn from torch's global generator, one per real patch.
 
     Args:
         real: (B, 1, 64, 64) patches in [-1, 1], on the models' device.
@@ -312,7 +353,7 @@ def gan_step(
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["config"])
     model_cfg, train_cfg = cfg.model, cfg.train
-    out = config["out"]
+    out, epoch_end = config["out"], config["epoch_end"]
     steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -358,7 +399,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
     train_started = time.monotonic()
 
-    def report(epoch_done: float, with_checkpoint: bool, final: bool) -> None:
+    def report(epoch_done: float, with_checkpoint: bool, final: bool, evaluate: bool) -> None:
         nonlocal sums, sums_steps
         totals = torch.cat([sums, torch.tensor([float(sums_steps)], device=device)])
         if world_size > 1:
@@ -374,6 +415,13 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             "d_fake": means[3],  # mean D(G(z)) before D's update
         }
         sums, sums_steps = torch.zeros_like(sums), 0
+        if evaluate and epoch_end is not None and rank == 0:
+            state = {
+                "generator": _cpu_state(_unwrap(generator)),
+                "discriminator": _cpu_state(_unwrap(discriminator)),
+                "epoch": epoch_done,
+            }
+            metrics.update(epoch_end(state))
         if final:
             elapsed = time.monotonic() - train_started
             patches_seen = (step - start_step) * train_cfg.batch_size * world_size
@@ -399,7 +447,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                checkpoint_dir_name=f"checkpoint_{step:09d}",
+                checkpoint_dir_name=checkpoint_name(step),
             )
 
     first_epoch = step // steps_per_epoch
@@ -444,9 +492,19 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             if end_of_epoch and rank == 0:
                 _write_sample_grid(out, epoch + 1, _unwrap(generator), preview_z)
             if end_of_epoch or final or step % train_cfg.checkpoint_every == 0:
-                report(step / steps_per_epoch, with_checkpoint=True, final=final)
+                report(
+                    step / steps_per_epoch,
+                    with_checkpoint=True,
+                    final=final,
+                    evaluate=end_of_epoch or final,
+                )
     if start_step >= total_steps:  # nothing left to train: the run had already finished
-        report(step / steps_per_epoch, with_checkpoint=False, final=True)
+        report(step / steps_per_epoch, with_checkpoint=False, final=True, evaluate=True)
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder of the checkpoint taken at ``step`` inside a run's storage."""
+    return f"checkpoint_{step:09d}"
 
 
 def _replica_digests(generator: nn.Module, discriminator: nn.Module, world_size: int) -> list:
@@ -534,6 +592,49 @@ def sample_grid_png(samples: np.ndarray, border: int = 2) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
+def batchnorm_pixels(data: TrainingPatches, cfg: Config) -> np.ndarray:
+    """The real patches D's BatchNorm statistics are computed over: (N, 64, 64) uint8.
+
+    The first ``train.batchnorm_samples`` patches of the training table (whole batches, at
+    least one), always the same ones for the same table.
+    """
+    batch_size = cfg.train.batch_size
+    count = max(1, cfg.train.batchnorm_samples // batch_size) * batch_size
+    batch = data.dataset.limit(count).take_batch(count, batch_format="numpy")
+    pixels = np.stack(list(batch["pixels"])).astype(np.uint8)
+    return pixels[: len(pixels) // batch_size * batch_size]
+
+
+def exported_models(
+    state: dict[str, Any],
+    cfg: Config,
+    real_pixels: np.ndarray,
+    device: torch.device | str = "cpu",
+) -> tuple[Generator, Discriminator]:
+    """G and D as they are scored: weights from ``state``, BatchNorm statistics finalized, eval.
+
+    G's statistics are exact averages over ``cfg.train.batchnorm_samples`` seeded latent draws,
+    D's over ``real_pixels`` (:func:`batchnorm_pixels`), both in training-sized batches; the
+    same state gives the same models.
+    """
+    model_cfg, train_cfg = cfg.model, cfg.train
+    generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
+    generator.load_state_dict(state["generator"])
+    discriminator.load_state_dict(state["discriminator"])
+    generator.to(device)
+    discriminator.to(device)
+    batch_size = train_cfg.batch_size
+    num_batches = max(1, train_cfg.batchnorm_samples // batch_size)
+    latent_rng = torch.Generator().manual_seed(train_cfg.seed + 1)
+    finalize_batchnorm(
+        generator,
+        (sample_latent(batch_size, model_cfg, latent_rng).to(device) for _ in range(num_batches)),
+    )
+    real = torch.from_numpy(decode_pixels(real_pixels)).unsqueeze(1)  # (N, 1, 64, 64)
+    finalize_batchnorm(discriminator, (chunk.to(device) for chunk in real.split(batch_size)))
+    return generator.eval(), discriminator.eval()
+
+
 def export_bundle(
     out: str,
     state: dict[str, Any],
@@ -543,37 +644,19 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Write the model bundle at ``out`` from a training checkpoint's state.
 
-    G's BatchNorm statistics are recomputed over ``cfg.train.batchnorm_samples`` latent draws
-    and D's over as many real training patches, both in training-sized batches. The result
-    records how far G's eval-mode samples are from its train-mode samples on the same z.
+    The models are :func:`exported_models` over :func:`batchnorm_pixels`. The result records
+    how far G's eval-mode samples are from its train-mode samples on the same z.
 
     Returns:
         ``{"model_id": ..., "batchnorm_check": {...}}``.
     """
-    model_cfg, train_cfg = cfg.model, cfg.train
-    generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
-    generator.load_state_dict(state["generator"])
-    discriminator.load_state_dict(state["discriminator"])
-    batch_size = train_cfg.batch_size
-    num_batches = max(1, train_cfg.batchnorm_samples // batch_size)
-    latent_rng = torch.Generator().manual_seed(train_cfg.seed + 1)
-    finalize_batchnorm(
-        generator,
-        (sample_latent(batch_size, model_cfg, latent_rng) for _ in range(num_batches)),
-    )
-    real_batches = (
-        torch.from_numpy(decode_pixels(batch["pixels"])).unsqueeze(1)
-        for batch in data.dataset.limit(num_batches * batch_size).iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=True
-        )
-    )
-    finalize_batchnorm(discriminator, real_batches)
-    check = batchnorm_check(generator, model_cfg, batch_size, seed=train_cfg.seed + 2)
+    generator, discriminator = exported_models(state, cfg, batchnorm_pixels(data, cfg))
+    check = batchnorm_check(generator, cfg.model, cfg.train.batch_size, seed=cfg.train.seed + 2)
     model_id = save_bundle(
         out,
         generator,
         discriminator,
-        model_cfg,
+        cfg.model,
         {**metadata, "batchnorm_check": check},
     )
     return {"model_id": model_id, "batchnorm_check": check}

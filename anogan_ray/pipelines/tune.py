@@ -1,11 +1,12 @@
 """Hyperparameter sweeps with Ray Tune: G's and D's learning rates, λ, z's learning rate, Γ.
 
-Each trial trains its own G and D from the same initial weights on the patch table's ``train``
-split, in one process (one Ray Tune function trainable with 1 CPU, or 1 GPU with
-``train.use_gpu``; the pattern of Ray's own DCGAN example), with the per-step update shared with
-``anogan-ray train`` (:func:`anogan_ray.pipelines.train.gan_step`). After every epoch the trial
-exports its model as it would be scored (BatchNorm statistics finalized, eval mode), inverts a
-fixed subset of the ``val`` patches and reports the objective, so ASHA can stop weak trials.
+Each trial is a Ray Train run (the Train V2 pattern): the trial's driver function starts the
+same ``TorchTrainer`` as ``anogan-ray train`` (:func:`anogan_ray.pipelines.train.make_trainer`,
+``train.num_workers`` DDP workers) with the trial's learning rates, and a
+``TuneReportCallback`` forwards what its workers report to Tune. After every epoch rank 0 exports
+the model as it would be scored (BatchNorm statistics finalized, eval mode), inverts a fixed
+evaluation set and reports the objective, so ASHA can stop weak trials. The driver holds no CPU
+(the workers do), and ``max_concurrent_trials`` is what the cluster's CPUs (or GPUs) can run.
 
 The objective, higher is better:
 
@@ -26,19 +27,18 @@ Layout of the stage folder ``out``:
     out/trials.parquet        one row per trial: its config and last reported metrics
     out/history.parquet       one row per trial and epoch: every reported metric
     out/best_model/           the best trial's model bundle (``load_bundle``; score it as usual)
-    out/_tune/<run_name>/     Ray Tune's experiment (trial checkpoints); re-running resumes it
+    out/_tune/<run_name>/     Ray Tune's experiment; re-running the same command resumes it
+    out/_trials/<run_name>/<trial id>/   each trial's Ray Train run (``_runs/``) and ``samples/``
 """
 
 from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from ray import tune as ray_tune
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from scipy.stats import spearmanr
@@ -60,19 +61,27 @@ from sklearn.metrics import roc_auc_score
 from anogan_ray import storage
 from anogan_ray.config import Config, ConfigError, TuneConfig, config_from_dict
 from anogan_ray.invert import invert_batch
-from anogan_ray.model import build_models, finalize_batchnorm, sample_latent, save_bundle
 from anogan_ray.patches import decode_pixels, patch_seed
 from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.preprocess import read_patch_table
-from anogan_ray.pipelines.train import gan_step
+from anogan_ray.pipelines.train import (
+    RUNS_FOLDER,
+    TrainingPatches,
+    batchnorm_pixels,
+    checkpoint_name,
+    export_bundle,
+    exported_models,
+    make_trainer,
+    plan_steps,
+    read_training_patches,
+)
 
 log = logging.getLogger(__name__)
 
 TUNE_FOLDER = "_tune"  # Ray Tune's experiments inside the stage folder
+TRIALS_FOLDER = "_trials"  # each trial's Ray Train run
 BEST_MODEL = "best_model"
 METRIC = "objective"  # what ASHA and the best-trial choice look at; always "higher is better"
-_STATE_FILE = "state.pt"  # tensors and plain containers only (loaded with weights_only=True)
-_BUNDLE_FOLDER = "bundle"  # the trial's exported model inside each checkpoint
 _SYNTHETIC_SUFFIX = "#synthetic-lesion"  # appended to a patch id for its lesioned copy
 
 
@@ -143,13 +152,12 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
 
 @dataclass
-class SweepData:
-    """The training patches and the fixed evaluation set of a sweep (numpy; uint8 pixels)."""
+class EvaluationSet:
+    """The fixed patches every trial inverts after every epoch (numpy)."""
 
-    train_pixels: np.ndarray  # (N, 64, 64) uint8, the whole train split, ordered by patch id
-    eval_pixels: np.ndarray  # (M, 64, 64) float32 in [-1, 1]: val subset, then lesioned copies
-    eval_ids: list[str]  # M patch ids (seeds z); a lesioned copy's id ends in _SYNTHETIC_SUFFIX
-    eval_labels: np.ndarray  # (M,) int8: 1 anomalous, 0 healthy, -1 unknown (val subset)
+    pixels: np.ndarray  # (M, 64, 64) float32 in [-1, 1]: val subset, then lesioned copies
+    ids: list[str]  # M patch ids (seeds z); a lesioned copy's id ends in _SYNTHETIC_SUFFIX
+    labels: np.ndarray  # (M,) int8: 1 anomalous, 0 healthy, -1 unknown (val subset)
     synthetic: np.ndarray  # (M,) bool: a lesioned copy
     synthetic_source: np.ndarray  # (M,) bool: a healthy val patch that has a lesioned copy
     objective: str  # "labels" or "synthetic"
@@ -177,74 +185,45 @@ def add_synthetic_lesion(patch: np.ndarray, seed: int) -> np.ndarray:
     return lesioned
 
 
-def _read_splits(patches: str) -> dict[str, dict[str, np.ndarray]]:
-    """``{split: {"patch_id", "label", "pixels"}}`` for train and val, each ordered by patch id."""
-    try:
-        table = read_patch_table(patches, ["train", "val"])
-    except FileNotFoundError as err:
-        raise TuneError(f"patch table {patches}: {err}") from err
-    columns: dict[str, list] = {"patch_id": [], "label": [], "pixels": [], "split": []}
-    for batch in table.select_columns(list(columns)).iter_batches(batch_format="numpy"):
-        for name in columns:
-            columns[name].append(batch[name])
-    merged = {
-        name: np.concatenate(parts) if parts else np.array([]) for name, parts in columns.items()
-    }
-    splits = {}
-    for split in ("train", "val"):
-        keep = merged["split"] == split
-        if not keep.any():
-            raise TuneError(
-                f"patch table {patches}: no {split} patches (a sweep trains on `train` and "
-                "evaluates on `val`; see DESIGN.md 3.2)"
-            )
-        ids = merged["patch_id"][keep].astype(str)
-        order = np.argsort(ids, kind="stable")
-        splits[split] = {
-            "patch_id": ids[order],
-            "label": merged["label"][keep][order].astype(np.int8),
-            "pixels": np.stack(list(merged["pixels"][keep][order])).astype(np.uint8),
-        }
-    return splits
-
-
-def load_sweep_data(patches: str, cfg: Config) -> SweepData:
-    """Read the train and val splits and fix the evaluation set.
+def load_evaluation_set(patches: str, cfg: Config) -> EvaluationSet:
+    """Read the ``val`` split and fix the evaluation set.
 
     The evaluation set is ``tune.val_patches`` val patches drawn with ``tune.seed`` (all of them
     when fewer), then lesioned copies of up to ``tune.synthetic_patches`` of its healthy ones.
 
     Raises:
-        TuneError: a split is missing, fewer train patches than a batch, or an objective that
-            the val split cannot support.
+        TuneError: no val split, or an objective that the val split cannot support.
     """
-    splits = _read_splits(patches)
-    train, val = splits["train"], splits["val"]
-    return make_sweep_data(
-        train["pixels"], val["patch_id"], val["label"], val["pixels"], cfg, source=patches
-    )
+    try:
+        table = read_patch_table(patches, ["val"])
+    except FileNotFoundError as err:
+        raise TuneError(f"patch table {patches}: {err}") from err
+    columns: dict[str, list] = {"patch_id": [], "label": [], "pixels": []}
+    for batch in table.select_columns(list(columns)).iter_batches(batch_format="numpy"):
+        for name in columns:
+            columns[name].append(batch[name])
+    if not sum(len(part) for part in columns["patch_id"]):
+        raise TuneError(
+            f"patch table {patches}: no val patches (a sweep trains on `train` and evaluates "
+            "on `val`; see DESIGN.md 3.2)"
+        )
+    ids = np.concatenate(columns["patch_id"]).astype(str)
+    order = np.argsort(ids, kind="stable")
+    labels = np.concatenate(columns["label"])[order].astype(np.int8)
+    pixels = np.stack(list(np.concatenate(columns["pixels"])[order])).astype(np.uint8)
+    return make_evaluation_set(ids[order], labels, pixels, cfg, source=patches)
 
 
-def make_sweep_data(
-    train_pixels: np.ndarray,
+def make_evaluation_set(
     val_ids: np.ndarray,
     val_labels: np.ndarray,
     val_pixels: np.ndarray,
     cfg: Config,
     source: str = "patch table",
-) -> SweepData:
-    """The sweep's data from train patches and val patches (uint8 pixels, (N, 64, 64)).
-
-    See :func:`load_sweep_data`; ``source`` names the input in errors.
-    """
+) -> EvaluationSet:
+    """The evaluation set from val patches (uint8 pixels, (N, 64, 64)); see
+    :func:`load_evaluation_set`. ``source`` names the input in errors."""
     tune_cfg = cfg.tune
-    patches = source
-    if len(train_pixels) < cfg.train.batch_size:
-        raise TuneError(
-            f"{patches}: {len(train_pixels)} train patches are fewer than "
-            f"train.batch_size = {cfg.train.batch_size}"
-        )
-    val = {"patch_id": np.asarray(val_ids), "pixels": np.asarray(val_pixels)}
     labels = np.asarray(val_labels, dtype=np.int8)
     has_both = bool((labels == 1).any() and (labels == 0).any())
     objective = tune_cfg.objective
@@ -252,13 +231,13 @@ def make_sweep_data(
         objective = "labels" if has_both else "synthetic"
     if objective == "labels" and not has_both:
         raise TuneError(
-            f"{patches}: tune.objective=labels needs healthy (label 0) and anomalous "
+            f"{source}: tune.objective=labels needs healthy (label 0) and anomalous "
             f"(label 1) val patches; its val split has labels {sorted(set(labels.tolist()))}"
         )
     rng = np.random.default_rng(tune_cfg.seed)
     chosen = np.sort(rng.permutation(len(labels))[: tune_cfg.val_patches])
-    eval_pixels = decode_pixels(val["pixels"][chosen])  # (M, 64, 64)
-    eval_ids = [str(pid) for pid in val["patch_id"][chosen]]
+    eval_pixels = decode_pixels(np.asarray(val_pixels)[chosen])  # (M, 64, 64)
+    eval_ids = [str(pid) for pid in np.asarray(val_ids)[chosen]]
     eval_labels = labels[chosen]
     # healthy: labelled 0, or (without labels) any val patch not marked anomalous
     healthy = np.flatnonzero(eval_labels == 0 if objective == "labels" else eval_labels != 1)
@@ -266,7 +245,7 @@ def make_sweep_data(
     sources.sort()
     if objective == "synthetic" and len(sources) < 2:
         raise TuneError(
-            f"{patches}: the synthetic objective needs at least 2 healthy val patches "
+            f"{source}: the synthetic objective needs at least 2 healthy val patches "
             f"and tune.synthetic_patches >= 2 (have {len(healthy)} and "
             f"{tune_cfg.synthetic_patches})"
         )
@@ -280,11 +259,10 @@ def make_sweep_data(
     synthetic[count:] = True
     synthetic_source = np.zeros(count + len(sources), bool)
     synthetic_source[sources] = True
-    return SweepData(
-        train_pixels=np.asarray(train_pixels, dtype=np.uint8),
-        eval_pixels=np.concatenate([eval_pixels, lesioned]).astype(np.float32),
-        eval_ids=eval_ids + [eval_ids[i] + _SYNTHETIC_SUFFIX for i in sources],
-        eval_labels=np.concatenate([eval_labels, np.full(len(sources), -1, np.int8)]),
+    return EvaluationSet(
+        pixels=np.concatenate([eval_pixels, lesioned]).astype(np.float32),
+        ids=eval_ids + [eval_ids[i] + _SYNTHETIC_SUFFIX for i in sources],
+        labels=np.concatenate([eval_labels, np.full(len(sources), -1, np.int8)]),
         synthetic=synthetic,
         synthetic_source=synthetic_source,
         objective=objective,
@@ -306,7 +284,7 @@ def lambda_key(metric: str, lambda_: float) -> str:
 def evaluate_objective(
     generator: torch.nn.Module,
     discriminator: torch.nn.Module,
-    data: SweepData,
+    evaluation: EvaluationSet,
     lambdas: list[float],
     *,
     steps: int,
@@ -319,25 +297,25 @@ def evaluate_objective(
     G and D must be in their exported form (eval mode, final BatchNorm statistics).
 
     Returns:
-        ``objective`` (the best λ's AUC under ``data.objective``), ``best_lambda``, per λ
+        ``objective`` (the best λ's AUC under ``evaluation.objective``), ``best_lambda``, per λ
         ``val_auc_lambda_…`` (labelled val AUC, when there are labels) and
         ``synthetic_auc_lambda_…`` (healthy vs lesioned copies), ``val_auc`` and
         ``synthetic_auc`` at the best λ, and ``healthy_residual``: the mean R(x) of the healthy
         patches that have a lesioned copy, at the best λ.
     """
     device = next(generator.parameters()).device
-    pixels = torch.tensor(data.eval_pixels).unsqueeze(1)  # (M, 1, 64, 64); a writable copy
-    known = data.eval_labels >= 0
-    labelled = known.any() and len(set(data.eval_labels[known].tolist())) == 2
+    pixels = torch.tensor(evaluation.pixels).unsqueeze(1)  # (M, 1, 64, 64); a writable copy
+    known = evaluation.labels >= 0
+    labelled = known.any() and len(set(evaluation.labels[known].tolist())) == 2
     metrics: dict[str, Any] = {}
     per_lambda = []
     for lambda_ in lambdas:
         anomaly, residual = [], []
-        for start in range(0, len(data.eval_ids), batch_size):
+        for start in range(0, len(evaluation.ids), batch_size):
             result = invert_batch(
                 (generator, discriminator),
                 pixels[start : start + batch_size].to(device),
-                data.eval_ids[start : start + batch_size],
+                evaluation.ids[start : start + batch_size],
                 lambda_=lambda_,
                 steps=steps,
                 z_lr=z_lr,
@@ -348,20 +326,22 @@ def evaluate_objective(
         anomaly_score, residual_score = np.concatenate(anomaly), np.concatenate(residual)
         row = {"lambda": lambda_, "healthy_residual": math.nan}
         row["val_auc"] = (
-            float(roc_auc_score(data.eval_labels[known], anomaly_score[known]))
+            float(roc_auc_score(evaluation.labels[known], anomaly_score[known]))
             if labelled
             else math.nan
         )
-        if data.synthetic.any():
-            pair = data.synthetic | data.synthetic_source
-            row["synthetic_auc"] = float(roc_auc_score(data.synthetic[pair], anomaly_score[pair]))
-            row["healthy_residual"] = float(residual_score[data.synthetic_source].mean())
+        if evaluation.synthetic.any():
+            pair = evaluation.synthetic | evaluation.synthetic_source
+            row["synthetic_auc"] = float(
+                roc_auc_score(evaluation.synthetic[pair], anomaly_score[pair])
+            )
+            row["healthy_residual"] = float(residual_score[evaluation.synthetic_source].mean())
         else:
             row["synthetic_auc"] = math.nan
         metrics[lambda_key("val_auc", lambda_)] = row["val_auc"]
         metrics[lambda_key("synthetic_auc", lambda_)] = row["synthetic_auc"]
         per_lambda.append(row)
-    key = "val_auc" if data.objective == "labels" else "synthetic_auc"
+    key = "val_auc" if evaluation.objective == "labels" else "synthetic_auc"
     best = max(per_lambda, key=lambda row: -math.inf if math.isnan(row[key]) else row[key])
     metrics.update(
         objective=best[key],
@@ -373,136 +353,100 @@ def evaluate_objective(
     return metrics
 
 
-def _exported_models(
-    generator: torch.nn.Module,
-    discriminator: torch.nn.Module,
-    train_pixels: torch.Tensor,
-    cfg: Config,
-) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Copies of G and D as ``anogan-ray train`` exports them: final BatchNorm statistics."""
-    model_cfg, train_cfg = cfg.model, cfg.train
-    batch_size = train_cfg.batch_size
-    num_batches = max(1, train_cfg.batchnorm_samples // batch_size)
-    device = next(generator.parameters()).device
-    exported_g, exported_d = copy.deepcopy(generator), copy.deepcopy(discriminator)
-    latent_rng = torch.Generator().manual_seed(train_cfg.seed + 1)
-    finalize_batchnorm(
-        exported_g,
-        (sample_latent(batch_size, model_cfg, latent_rng).to(device) for _ in range(num_batches)),
-    )
-    real_batches = min(num_batches, len(train_pixels) // batch_size)
-    finalize_batchnorm(
-        exported_d,
-        (
-            train_pixels[i * batch_size : (i + 1) * batch_size].to(device)
-            for i in range(real_batches)
-        ),
-    )
-    return exported_g.eval(), exported_d.eval()
+class EpochEvaluation:
+    """What a trial's rank 0 runs after every epoch: export G and D, invert, report metrics.
 
-
-def run_trial(trial_config: dict[str, Any], data: SweepData, base_config: dict[str, Any]) -> None:
-    """The Tune trainable: train G and D epoch by epoch, reporting the objective after each.
-
-    Resumes from the trial's last checkpoint (a restored sweep or a retried trial). Every trial
-    starts from the same initial weights and draws the same z and batch order, so trials differ
-    only in their hyperparameters.
+    Called by the training loop with the epoch's state (see
+    :func:`anogan_ray.pipelines.train.make_trainer`); the models are exported exactly as
+    ``anogan-ray train`` exports its bundle, so the best trial's objective describes the bundle
+    that :func:`tune` exports.
     """
-    cfg = config_from_dict(base_config)
-    model_cfg, train_cfg = cfg.model, cfg.train
-    lr_generator, lr_discriminator = trial_config["lr_generator"], trial_config["lr_discriminator"]
-    device = torch.device("cuda" if train_cfg.use_gpu and torch.cuda.is_available() else "cpu")
-    generator, discriminator = build_models(model_cfg, seed=train_cfg.seed)
-    generator.to(device)
-    discriminator.to(device)
-    betas = (train_cfg.beta1, 0.999)
-    optimizer_g = torch.optim.Adam(generator.parameters(), lr=lr_generator, betas=betas)
-    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=lr_discriminator, betas=betas)
-    first_epoch = 0
-    checkpoint = ray_tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as checkpoint_dir:
-            state = torch.load(
-                os.path.join(checkpoint_dir, _STATE_FILE), map_location=device, weights_only=True
-            )
-        generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
-        optimizer_g.load_state_dict(state["optimizer_generator"])
-        optimizer_d.load_state_dict(state["optimizer_discriminator"])
-        first_epoch = int(state["epoch"])
 
-    train_pixels = torch.from_numpy(decode_pixels(data.train_pixels)).unsqueeze(1)  # (N, 1, 64, 64)
-    batch_size = train_cfg.batch_size
-    steps_per_epoch = len(train_pixels) // batch_size  # full batches only (BatchNorm)
-    for epoch in range(first_epoch, train_cfg.epochs):
+    def __init__(
+        self,
+        evaluation: EvaluationSet,
+        real_pixels: np.ndarray,
+        cfg: Config,
+        trial_config: dict[str, Any],
+    ):
+        self.evaluation = evaluation
+        self.real_pixels = real_pixels  # D's BatchNorm patches (train.batchnorm_pixels)
+        self.config = cfg.to_dict()
+        self.steps = int(trial_config["steps"])
+        self.z_lr = float(trial_config["z_lr"])
+
+    def __call__(self, state: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
-        generator.train()
-        discriminator.train()
-        torch.manual_seed(train_cfg.seed * 1000 + epoch)  # z draws: the same in every trial
-        order = torch.randperm(
-            len(train_pixels), generator=torch.Generator().manual_seed(train_cfg.seed + epoch)
-        )
-        sums = torch.zeros(4)  # d_loss, g_loss, D(x), D(G(z))
-        for step in range(steps_per_epoch):
-            real = train_pixels[order[step * batch_size : (step + 1) * batch_size]].to(device)
-            sums += gan_step(
-                generator, discriminator, optimizer_g, optimizer_d, real, model_cfg
-            ).cpu()
-        train_seconds = time.monotonic() - started
-
-        exported_g, exported_d = _exported_models(generator, discriminator, train_pixels, cfg)
+        cfg = config_from_dict(self.config)
+        device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+        generator, discriminator = exported_models(state, cfg, self.real_pixels, device)
         metrics = evaluate_objective(
-            exported_g,
-            exported_d,
-            data,
+            generator,
+            discriminator,
+            self.evaluation,
             cfg.tune.lambdas,
-            steps=int(trial_config["steps"]),
-            z_lr=float(trial_config["z_lr"]),
+            steps=self.steps,
+            z_lr=self.z_lr,
             batch_size=cfg.score.batch_size,
-            latent_prior=model_cfg.latent_prior,
+            latent_prior=cfg.model.latent_prior,
         )
-        means = (sums / max(steps_per_epoch, 1)).tolist()
         metrics.update(
-            epoch=epoch + 1,
-            objective_kind=data.objective,
-            d_loss=means[0],
-            g_loss=means[1],
-            d_real=means[2],
-            d_fake=means[3],
-            train_seconds=round(train_seconds, 3),
-            eval_seconds=round(time.monotonic() - started - train_seconds, 3),
+            objective_kind=self.evaluation.objective,
+            eval_seconds=round(time.monotonic() - started, 3),
         )
-        with tempfile.TemporaryDirectory() as checkpoint_dir:
-            torch.save(
-                {
-                    "generator": generator.state_dict(),
-                    "discriminator": discriminator.state_dict(),
-                    "optimizer_generator": optimizer_g.state_dict(),
-                    "optimizer_discriminator": optimizer_d.state_dict(),
-                    "epoch": epoch + 1,
-                },
-                os.path.join(checkpoint_dir, _STATE_FILE),
-            )
-            save_bundle(
-                os.path.join(checkpoint_dir, _BUNDLE_FOLDER),
-                exported_g,
-                exported_d,
-                model_cfg,
-                {
-                    "run": f"tune trial {ray_tune.get_context().get_trial_id()}",
-                    "epochs": epoch + 1,
-                    "hyperparameters": {k: trial_config[k] for k in sorted(trial_config)},
-                    "best_lambda": metrics["best_lambda"],
-                    "objective": {data.objective: metrics["objective"]},
-                },
-            )
-            ray_tune.report(metrics, checkpoint=ray_tune.Checkpoint.from_directory(checkpoint_dir))
+        return metrics
+
+
+def trial_settings(base_config: dict[str, Any], trial_config: dict[str, Any]) -> Config:
+    """The whole configuration of one trial: the base one with the trial's hyperparameters.
+
+    A trial reports (and checkpoints) once per epoch, the unit ASHA decides on.
+    """
+    settings = copy.deepcopy(base_config)
+    settings["train"]["lr_generator"] = float(trial_config["lr_generator"])
+    settings["train"]["lr_discriminator"] = float(trial_config["lr_discriminator"])
+    settings["train"]["checkpoint_every"] = 2**31 - 1  # no reports between epoch ends
+    settings["score"]["z_lr"] = float(trial_config["z_lr"])
+    settings["score"]["steps"] = int(trial_config["steps"])
+    return config_from_dict(settings)
+
+
+def trial_folder(out: str, cfg: Config, trial_id: str) -> str:
+    """Where a trial's Ray Train run keeps its checkpoints and sample grids."""
+    return storage.join(out, TRIALS_FOLDER, cfg.tune.run_name, trial_id)
+
+
+def run_trial(
+    trial_config: dict[str, Any],
+    training: TrainingPatches,
+    evaluation: EvaluationSet,
+    real_pixels: np.ndarray,
+    base_config: dict[str, Any],
+    out: str,
+) -> None:
+    """A trial's driver (the Tune trainable): one Ray Train run with the trial's settings.
+
+    The run's name is the trial id, so a restored sweep's trial resumes its run from the last
+    checkpoint. Every trial starts from the same initial weights (``train.seed``); the batch
+    order is Ray Data's shuffle, not seeded.
+    """
+    cfg = trial_settings(base_config, trial_config)
+    trial_id = ray_tune.get_context().get_trial_id()
+    trainer = make_trainer(
+        training,
+        trial_folder(out, cfg, trial_id),
+        cfg,
+        epoch_end=EpochEvaluation(evaluation, real_pixels, cfg, trial_config),
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
 
 
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
 
+_DRIVER_MEMORY = 256 * 2**20  # bytes reserved for each trial's driver
 _ARMED_INTERRUPTS: set[str] = set()  # interrupt callbacks that may fire in this process
 
 
@@ -540,11 +484,12 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _max_concurrent(cfg: Config) -> int:
-    """Trials at once: the configured cap, and no more than the cluster's CPUs (or GPUs)."""
-    resources = ray.cluster_resources()
+def max_concurrent_trials(cfg: Config) -> int:
+    """Trials at once: the configured cap, and no more than the cluster's CPUs (or GPUs) can
+    hold, each trial taking ``train.num_workers`` of them (its drivers take none)."""
     unit = "GPU" if cfg.train.use_gpu else "CPU"
-    return max(1, min(cfg.tune.max_concurrent, int(resources.get(unit, 1))))
+    available = int(ray.cluster_resources().get(unit, 0))
+    return max(1, min(cfg.tune.max_concurrent, available // cfg.train.num_workers))
 
 
 def _write_parquet(url: str, frame: pd.DataFrame) -> None:
@@ -613,7 +558,10 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
     ):
         raise ValueError("interrupt_after_trials needs tune() in the main thread (signals)")
     ensure_ray()
-    data = load_sweep_data(patches, cfg)
+    evaluation = load_evaluation_set(patches, cfg)
+    training = read_training_patches(patches)
+    plan_steps(training, cfg)  # enough patches for one batch per worker
+    real_pixels = batchnorm_pixels(training, cfg)
     tune_root = storage.join(out, TUNE_FOLDER)
     experiment_url = storage.join(tune_root, cfg.tune.run_name)
     record_url = storage.join(tune_root, f"{cfg.tune.run_name}.json")
@@ -627,10 +575,19 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
     storage_fs, tune_path = storage.arrow_filesystem(tune_root)
     experiment_path = f"{tune_path.rstrip('/')}/{cfg.tune.run_name}"
 
-    resources = {"cpu": 1, "gpu": 1} if cfg.train.use_gpu else {"cpu": 1}
+    # a trial's driver only waits on its Ray Train run, whose workers hold the CPUs or GPUs
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, data=data, base_config=cfg.to_dict()), resources
+        ray_tune.with_parameters(
+            run_trial,
+            training=training,
+            evaluation=evaluation,
+            real_pixels=real_pixels,
+            base_config=cfg.to_dict(),
+            out=out,
+        ),
+        {"cpu": 0, "memory": _DRIVER_MEMORY},
     )
+    concurrent = max_concurrent_trials(cfg)
     resumed = ray_tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
     callback = _InterruptAfterTrials(interrupt_after_trials) if interrupt_after_trials else None
     if callback:
@@ -649,7 +606,7 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
             scheduler = None
             if cfg.tune.scheduler == "asha":
                 scheduler = ASHAScheduler(
-                    time_attr="training_iteration",  # one iteration = one epoch
+                    time_attr="epoch",  # reported by the training loop; survives restarts
                     max_t=cfg.train.epochs,
                     grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                     reduction_factor=cfg.tune.reduction_factor,
@@ -663,10 +620,9 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
                     scheduler=scheduler,
                     num_samples=cfg.tune.num_samples,
                     trial_dirname_creator=_trial_dirname,
-                    # the variant generator caps concurrency itself (it ignores
-                    # max_concurrent_trials): the configured cap, within the cluster's resources
+                    max_concurrent_trials=concurrent,
                     search_alg=BasicVariantGenerator(
-                        random_state=cfg.tune.seed, max_concurrent=_max_concurrent(cfg)
+                        random_state=cfg.tune.seed, max_concurrent=concurrent
                     ),
                 ),
                 run_config=ray_tune.RunConfig(
@@ -697,7 +653,7 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
     best = grid.get_best_result(metric=METRIC, mode="max", scope="last")
     best_row = trials.loc[trials["trial_id"] == best.metrics["trial_id"]].iloc[0]
     best_model = storage.join(out, BEST_MODEL)
-    model_id = _export_best(best, best_model)
+    model_id = _export_best(best, out, cfg, training, best_model)
 
     trials_url, history_url = (
         storage.join(out, "trials.parquet"),
@@ -708,17 +664,18 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
     summary = {
         "stage": "tune",
         "patch_table": patches,
-        "objective": data.objective,
+        "objective": evaluation.objective,
         "metric": METRIC,
         "mode": "max",
         "scheduler": cfg.tune.scheduler,
         "trials": len(trials),
         "trials_errored": int(grid.num_errors),
         "trials_stopped_early": int(trials["stopped_early"].sum()),
-        "val_patches": data.val_patches,
-        "val_anomalous": data.val_anomalous,
-        "eval_patches": int((~data.synthetic).sum()),
-        "synthetic_patches": int(data.synthetic.sum()),
+        "val_patches": evaluation.val_patches,
+        "val_anomalous": evaluation.val_anomalous,
+        "eval_patches": int((~evaluation.synthetic).sum()),
+        "synthetic_patches": int(evaluation.synthetic.sum()),
+        "max_concurrent_trials": concurrent,
         "best": {
             "trial_id": best_row["trial_id"],
             "config": {
@@ -754,7 +711,7 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
         "sweep %s: best trial %s, %s %.4f",
         experiment_url,
         summary["best"]["trial_id"],
-        data.objective,
+        evaluation.objective,
         summary["best"]["objective"],
     )
     return summary
@@ -828,14 +785,34 @@ def _results_tables(grid: ray_tune.ResultGrid, cfg: Config) -> tuple[pd.DataFram
     return trials, history_frame
 
 
-def _export_best(best: ray_tune.Result, url: str) -> str:
-    """Copy the best trial's last exported bundle to ``url``; returns its ``model_id``."""
-    if best.checkpoint is None:
-        raise TuneError(f"best trial at {best.path} left no checkpoint")
-    with best.checkpoint.as_directory() as checkpoint_dir:
-        bundle_dir = os.path.join(checkpoint_dir, _BUNDLE_FOLDER)
-        storage.makedirs(url)
-        for name in sorted(os.listdir(bundle_dir)):
-            with open(os.path.join(bundle_dir, name), "rb") as f:
-                storage.write_bytes(storage.join(url, name), f.read())
-    return json.loads(storage.read_bytes(storage.join(url, "bundle.json")))["model_id"]
+def _export_best(
+    best: ray_tune.Result, out: str, cfg: Config, training: TrainingPatches, url: str
+) -> str:
+    """Export the best trial's last checkpoint as a model bundle at ``url``, as ``anogan-ray
+    train`` exports its own; returns its ``model_id``."""
+    metrics, trial_cfg = best.metrics, trial_settings(cfg.to_dict(), best.config)
+    run = storage.join(
+        trial_folder(out, trial_cfg, metrics["trial_id"]), RUNS_FOLDER, trial_cfg.train.run_name
+    )
+    checkpoint = storage.join(run, checkpoint_name(int(metrics["step"])), "state.pt")
+    if not storage.exists(checkpoint):
+        raise TuneError(f"best trial {metrics['trial_id']}: no checkpoint at {checkpoint}")
+    state = torch.load(io.BytesIO(storage.read_bytes(checkpoint)), weights_only=True)
+    export = export_bundle(
+        url,
+        state,
+        trial_cfg,
+        training,
+        metadata={
+            "run": f"tune trial {metrics['trial_id']}",
+            "checkpoint": checkpoint,
+            "step": int(metrics["step"]),
+            "epochs": metrics["epoch"],
+            "hyperparameters": {k: best.config[k] for k in sorted(best.config)},
+            "best_lambda": metrics["best_lambda"],
+            "objective": {metrics["objective_kind"]: metrics["objective"]},
+            "patch_table": training.url,
+            "train_config": trial_cfg.to_dict()["train"],
+        },
+    )
+    return export["model_id"]
