@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
@@ -28,6 +29,15 @@ from anogan_ray.config import load_config
 from anogan_ray.phantom import write_cohort
 from anogan_ray.pipelines.preprocess import preprocess
 from anogan_ray.pipelines.tune import tune
+
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Hanley & McNeil's (1982) standard error of an AUC from its positive and negative counts."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    variance = (
+        auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)
+    ) / (positives * negatives)
+    return float(np.sqrt(variance))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,6 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
         history = pd.read_parquet(summary["history_table"])
         trials = pd.read_parquet(summary["trials_table"])
 
+    eval_anomalous = round(
+        summary["eval_patches"] * summary["val_anomalous"] / summary["val_patches"]
+    )  # expected count in the random subset
     both = history.dropna(subset=["val_auc", "synthetic_auc"])
     last = trials.dropna(subset=["val_auc", "synthetic_auc"])
     by_labels = last.loc[last["val_auc"].idxmax()]
@@ -89,6 +102,23 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_patches": summary["eval_patches"],
         "synthetic_patches": summary["synthetic_patches"],
         "trial_epochs": len(both),
+        # how far apart two trials' AUCs must be before the evaluation set can tell them apart
+        "standard_error_val_auc": round(
+            auc_standard_error(
+                float(last["val_auc"].mean()),
+                eval_anomalous,
+                summary["eval_patches"] - eval_anomalous,
+            ),
+            4,
+        ),
+        "standard_error_synthetic_auc": round(
+            auc_standard_error(
+                float(last["synthetic_auc"].mean()),
+                summary["synthetic_patches"],
+                summary["synthetic_patches"],
+            ),
+            4,
+        ),
         "spearman_all_trial_epochs": round(
             float(spearmanr(both["synthetic_auc"], both["val_auc"]).statistic), 4
         ),

@@ -125,7 +125,8 @@ def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
 
 
 def test_interrupted_sweep_resumes_without_rerunning_the_finished_trial(phantom_patches, bucket):
-    cfg = _config("tune.scheduler=fifo", "tune.max_concurrent=1", "train.epochs=1")
+    # two DDP workers per trial: the 2 CPUs hold one trial at a time
+    cfg = _config("tune.scheduler=fifo", "train.num_workers=2", "train.epochs=1")
     out = f"{bucket}/sweep"
     with pytest.raises(SweepInterrupted, match="run the same command again"):
         tune(phantom_patches, out, cfg, interrupt_after_trials=1)
@@ -136,6 +137,7 @@ def test_interrupted_sweep_resumes_without_rerunning_the_finished_trial(phantom_
 
     summary = tune(phantom_patches, out, cfg)
     assert summary["resumed"] and summary["trials"] == 2
+    assert summary["max_concurrent_trials"] == 1
     trials = pd.read_parquet(storage.open_file(summary["trials_table"]))
     assert (trials["status"] == "terminated").all() and trials["objective"].notna().all()
     # the finished trial was not run again: its results are byte for byte what they were

@@ -559,6 +559,13 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
         raise ValueError("interrupt_after_trials needs tune() in the main thread (signals)")
     ensure_ray()
     evaluation = load_evaluation_set(patches, cfg)
+    if evaluation.objective == "synthetic":
+        log.warning(
+            "val split %s has no anomalous patches: the sweep's objective is the synthetic-lesion "
+            "AUC, which agreed poorly with the labelled AUC on the phantom (README.md, Sweeps); "
+            "label a few pathological volumes for val if you can",
+            patches,
+        )
     training = read_training_patches(patches)
     plan_steps(training, cfg)  # enough patches for one batch per worker
     real_pixels = batchnorm_pixels(training, cfg)
@@ -620,7 +627,8 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
                     scheduler=scheduler,
                     num_samples=cfg.tune.num_samples,
                     trial_dirname_creator=_trial_dirname,
-                    max_concurrent_trials=concurrent,
+                    # max_concurrent_trials, set where Tune sets it for its default
+                    # searcher (passing both only warns); seeded: the same sampled rates
                     search_alg=BasicVariantGenerator(
                         random_state=cfg.tune.seed, max_concurrent=concurrent
                     ),
