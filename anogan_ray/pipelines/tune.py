@@ -362,18 +362,10 @@ class EpochEvaluation:
     that :func:`tune` exports.
     """
 
-    def __init__(
-        self,
-        evaluation: EvaluationSet,
-        real_pixels: np.ndarray,
-        cfg: Config,
-        trial_config: dict[str, Any],
-    ):
+    def __init__(self, evaluation: EvaluationSet, real_pixels: np.ndarray, cfg: Config):
         self.evaluation = evaluation
         self.real_pixels = real_pixels  # D's BatchNorm patches (train.batchnorm_pixels)
-        self.config = cfg.to_dict()
-        self.steps = int(trial_config["steps"])
-        self.z_lr = float(trial_config["z_lr"])
+        self.config = cfg.to_dict()  # the trial's (trial_settings): its Γ and z rate in `score`
 
     def __call__(self, state: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
@@ -385,8 +377,8 @@ class EpochEvaluation:
             discriminator,
             self.evaluation,
             cfg.tune.lambdas,
-            steps=self.steps,
-            z_lr=self.z_lr,
+            steps=cfg.score.steps,
+            z_lr=cfg.score.z_lr,
             batch_size=cfg.score.batch_size,
             latent_prior=cfg.model.latent_prior,
         )
@@ -426,9 +418,9 @@ def run_trial(
 ) -> None:
     """A trial's driver (the Tune trainable): one Ray Train run with the trial's settings.
 
-    The run's name is the trial id, so a restored sweep's trial resumes its run from the last
-    checkpoint. Every trial starts from the same initial weights (``train.seed``); the batch
-    order is Ray Data's shuffle, not seeded.
+    The run is kept in the trial's folder (:func:`trial_folder`, named by the trial id), so a
+    restored sweep's trial resumes its run from the last checkpoint. Every trial starts from the
+    same initial weights (``train.seed``); the batch order is Ray Data's shuffle, not seeded.
     """
     cfg = trial_settings(base_config, trial_config)
     trial_id = ray_tune.get_context().get_trial_id()
@@ -436,7 +428,7 @@ def run_trial(
         training,
         trial_folder(out, cfg, trial_id),
         cfg,
-        epoch_end=EpochEvaluation(evaluation, real_pixels, cfg, trial_config),
+        epoch_end=EpochEvaluation(evaluation, real_pixels, cfg),
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()
