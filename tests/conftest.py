@@ -313,9 +313,10 @@ def without_session_ray():
 
 
 @pytest.fixture(scope="session")
-def write_synthetic_patch_table():
-    """A function ``(url, {split: n}) -> patch ids`` writing synthetic healthy patches as a
-    patch table (hive-partitioned by split, one Parquet file per split, local or s3)."""
+def write_patch_table():
+    """A function ``(url, {split: patches}) -> patch ids`` writing (n, 64, 64) patch arrays in
+    [-1, 1] as a patch table (DESIGN.md 3.2): hive-partitioned by split, one Parquet file per
+    split, one volume per split with 8 patches per B-scan, every label 0; local or s3."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -324,11 +325,11 @@ def write_synthetic_patch_table():
     from anogan_ray import storage
     from anogan_ray.patches import encode_pixels, patch_id
 
-    def write(url: str, counts: dict[str, int]) -> list[str]:
+    def write(url: str, patches_by_split: dict[str, np.ndarray]) -> list[str]:
         fs, root = storage.arrow_filesystem(url)
         ids: list[str] = []
-        for seed, (split, n) in enumerate(counts.items()):
-            volume = f"{split}-vol"
+        for split, patches in patches_by_split.items():
+            n, volume = len(patches), f"{split}-vol"
             table = pa.table(
                 {
                     "patch_id": [patch_id(volume, i // 8, 0, 32 * (i % 8)) for i in range(n)],
@@ -337,9 +338,7 @@ def write_synthetic_patch_table():
                     "bscan": np.arange(n, dtype=np.int32) // 8,
                     "y": np.zeros(n, np.int32),
                     "x": 32 * (np.arange(n, dtype=np.int32) % 8),
-                    "pixels": ArrowTensorArray.from_numpy(
-                        encode_pixels(synthetic_oct_patches(n, seed=100 + seed))
-                    ),
+                    "pixels": ArrowTensorArray.from_numpy(encode_pixels(patches)),
                     "label": np.zeros(n, np.int8),
                     "anomaly_fraction": np.zeros(n, np.float32),
                     "source": [f"synthetic://{volume}"] * n,

@@ -140,10 +140,11 @@ def ray_head():
 
 
 def test_submitted_score_job_writes_every_patch_once(
-    ray_head, tmp_path, tiny_bundle, write_synthetic_patch_table
+    ray_head, tmp_path, tiny_bundle, write_patch_table, synthetic_patches
 ):
     patches, out = tmp_path / "patches", tmp_path / "score"
-    ids = write_synthetic_patch_table(str(patches), {"val": 6, "test": 10})
+    split_patches = {"val": synthetic_patches(6, seed=100), "test": synthetic_patches(10, seed=101)}
+    ids = write_patch_table(str(patches), split_patches)
     command = [
         str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.address,
         "--runtime-env", "cluster/runtime_env.yaml",  # working dir `.`, .venv and .git left out

@@ -88,12 +88,12 @@ def _rows(files: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def run_losing_a_node(tiny_bundle, write_synthetic_patch_table, tmp_path_factory, cluster):
+def run_losing_a_node(tiny_bundle, write_patch_table, synthetic_patches, tmp_path_factory, cluster):
     """Score 64 patches; kill a worker node with a scoring actor once scoring is under way."""
     cluster, workers = cluster
     root = tmp_path_factory.mktemp("multinode")
     patches, out = str(root / "patches"), str(root / "score")
-    ids = write_synthetic_patch_table(patches, {"test": PATCHES})
+    ids = write_patch_table(patches, {"test": synthetic_patches(PATCHES, seed=100)})
     result: dict = {}
 
     def run() -> None:

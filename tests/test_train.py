@@ -9,7 +9,7 @@ import torch
 from anogan_ray import storage
 from anogan_ray.config import load_config
 from anogan_ray.model import build_models, load_bundle, sample_latent
-from anogan_ray.patches import decode_pixels, encode_pixels, patch_id
+from anogan_ray.patches import decode_pixels
 from anogan_ray.pipelines.train import TrainError, read_training_patches, train
 
 TRAIN_PATCHES = 256  # tiny: batch 32, so 8 steps per epoch with 1 worker, 4 with 2
@@ -29,41 +29,13 @@ def band_patches(count: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(layers + speckle, -1, 1).astype(np.float32)
 
 
-def write_patch_table(url: str, seed: int = 0) -> None:
-    """A patch table (DESIGN.md 3.2) with a train and a val split, written by Ray Data."""
-    import ray
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for split, count in (("train", TRAIN_PATCHES), ("val", VAL_PATCHES)):
-        for index, image in enumerate(band_patches(count, rng)):
-            volume_id = f"{split}-subject{index // 64}/od"
-            rows.append(
-                {
-                    "patch_id": patch_id(volume_id, index % 64, 0, 0),
-                    "subject_id": volume_id.split("/")[0],
-                    "volume_id": volume_id,
-                    "bscan": index % 64,
-                    "y": 0,
-                    "x": 0,
-                    "split": split,
-                    # val patches are all white: training on them would show in the samples
-                    "pixels": encode_pixels(image if split == "train" else np.ones_like(image)),
-                    "label": 0,
-                    "anomaly_fraction": float("nan"),
-                    "source": "synthetic",
-                }
-            )
-    dataset = ray.data.from_items(rows, override_num_blocks=2)
-    dataset.write_parquet(
-        url, partition_cols=["split"], filesystem=storage.arrow_filesystem(url)[0]
-    )
-
-
 @pytest.fixture(scope="module")
-def patch_table(ray_local, tmp_path_factory) -> str:
+def patch_table(ray_local, write_patch_table, tmp_path_factory) -> str:
+    """A train split of band patches and a val split of all-white patches: training on the val
+    patches would show in the samples."""
     url = str(tmp_path_factory.mktemp("patches"))
-    write_patch_table(url)
+    train_patches = band_patches(TRAIN_PATCHES, np.random.default_rng(0))
+    write_patch_table(url, {"train": train_patches, "val": np.ones((VAL_PATCHES, 64, 64))})
     return url
 
 
