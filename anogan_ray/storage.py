@@ -56,6 +56,15 @@ def join(url: str, *parts: str) -> str:
     return os.path.join(url, *parts)
 
 
+def absolute(url: str) -> str:
+    """``url`` with a local path made absolute; remote URLs unchanged.
+
+    For paths handed to Ray Train and Tune workers, which run in working directories of their
+    own: a relative path there would land under Ray's session folder.
+    """
+    return url if is_remote(url) else filesystem(url)[1]
+
+
 def resolve(url: str, base: str) -> str:
     """Resolve ``url`` against the folder ``base`` unless it is absolute or remote."""
     if is_remote(url) or url.startswith("file://") or os.path.isabs(url):

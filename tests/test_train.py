@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -118,9 +120,16 @@ def _row_profile_spread(patches: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_training_teaches_g_the_healthy_patches_and_d_to_tell_them_apart(patch_table, tmp_path):
+def test_training_teaches_g_the_healthy_patches_and_d_to_tell_them_apart(
+    patch_table, tmp_path, monkeypatch
+):
     cfg = _config("train.epochs=10", "train.lr_generator=0.002", "train.lr_discriminator=0.0005")
-    summary = train(patch_table, str(tmp_path / "model"), cfg)
+    monkeypatch.chdir(tmp_path)  # a relative output folder: the workers run in folders of their own
+    summary = train(patch_table, "model", cfg)
+    assert summary["samples"] == [
+        str(tmp_path / "model" / "samples" / f"epoch_{epoch:03d}.png") for epoch in range(1, 11)
+    ]
+    assert all(os.path.exists(path) for path in summary["samples"])
     bundle = load_bundle(str(tmp_path / "model"))
     dataset = read_training_patches(patch_table).dataset
     data = decode_pixels(dataset.take_batch(TRAIN_PATCHES, batch_format="numpy")["pixels"])

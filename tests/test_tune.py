@@ -69,10 +69,12 @@ def phantom_patches(ray_local, tmp_path_factory) -> str:
 
 
 def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
-    phantom_patches, tmp_path
+    phantom_patches, tmp_path, monkeypatch
 ):
     cfg = _config("tune.scheduler=asha", "tune.grace_period=1")
-    summary = tune(phantom_patches, str(tmp_path), cfg)
+    # a relative output folder, as typed on the command line: trials run in folders of their own
+    monkeypatch.chdir(tmp_path.parent)
+    summary = tune(phantom_patches, tmp_path.name, cfg)
 
     trials = pd.read_parquet(tmp_path / "trials.parquet")
     history = pd.read_parquet(tmp_path / "history.parquet")
@@ -126,14 +128,16 @@ def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
 
 def test_interrupted_sweep_resumes_without_rerunning_the_finished_trial(phantom_patches, bucket):
     # two DDP workers per trial: the 2 CPUs hold one trial at a time
-    cfg = _config("tune.scheduler=fifo", "train.num_workers=2", "train.epochs=1")
+    cfg = _config("tune.scheduler=fifo", "train.num_workers=2", "train.epochs=2")
     out = f"{bucket}/sweep"
+    # interrupted (as by Ctrl+C) once the first trial finished and the second reported epoch 1
     with pytest.raises(SweepInterrupted, match="run the same command again"):
         tune(phantom_patches, out, cfg, interrupt_after_trials=1)
     experiment = storage.join(out, "_tune", cfg.tune.run_name)
     done = {url: storage.read_bytes(url) for url in storage.list_files(experiment, "result.json")}
-    finished = [url for url, data in done.items() if data.strip()]
-    assert len(finished) == 1  # one trial reported (and finished) before the interruption
+    epochs = {url: json.loads(data.splitlines()[-1])["epoch"] for url, data in done.items() if data}
+    finished = [url for url, epoch in epochs.items() if epoch == 2]
+    assert len(finished) == 1 and sorted(epochs.values()) == [1, 2]  # and one trial part-way
 
     summary = tune(phantom_patches, out, cfg)
     assert summary["resumed"] and summary["trials"] == 2
@@ -142,8 +146,9 @@ def test_interrupted_sweep_resumes_without_rerunning_the_finished_trial(phantom_
     assert (trials["status"] == "terminated").all() and trials["objective"].notna().all()
     # the finished trial was not run again: its results are byte for byte what they were
     assert storage.read_bytes(finished[0]) == done[finished[0]]
+    # the part-way trial's Train run went on from its epoch-1 checkpoint, not from the start
     history = pd.read_parquet(storage.open_file(summary["history_table"]))
-    assert history.groupby("trial_id").size().tolist() == [1, 1]
+    assert history.groupby("trial_id")["epoch"].apply(list).tolist() == [[1, 2], [1, 2]]
     assert load_bundle(summary["best_model"]).model_id == summary["model_id"]
 
 

@@ -124,6 +124,7 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
         The summary, also written to ``out/summary.json``.
     """
     started = time.monotonic()
+    patches, out = storage.absolute(patches), storage.absolute(out)  # workers run elsewhere
     ensure_ray()
     train_cfg = cfg.train
     data = read_training_patches(patches)

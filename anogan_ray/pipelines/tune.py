@@ -443,7 +443,8 @@ _ARMED_INTERRUPTS: set[str] = set()  # interrupt callbacks that may fire in this
 
 
 class _InterruptAfterTrials(ray_tune.Callback):
-    """Fault injection for tests: stop the sweep like Ctrl+C once ``count`` trials finished.
+    """Fault injection for tests: stop the sweep like Ctrl+C once ``count`` trials finished and
+    another trial is part-way: it has reported an epoch and is still training.
 
     Tune pickles its callbacks with the experiment; a restored copy stays silent because its
     token is armed only during the call of :func:`tune` that created it.
@@ -451,11 +452,20 @@ class _InterruptAfterTrials(ray_tune.Callback):
 
     def __init__(self, count: int):
         self.count = count
+        self.finished: set[str] = set()
         self.token = uuid.uuid4().hex
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.count -= 1
-        if self.count == 0 and self.token in _ARMED_INTERRUPTS:
+        self.finished.add(trial.trial_id)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        if (
+            len(self.finished) >= self.count
+            and trial.trial_id not in self.finished
+            and not result.get("done")
+            and self.token in _ARMED_INTERRUPTS
+        ):
+            _ARMED_INTERRUPTS.discard(self.token)  # once
             os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own "stop and save" signal
 
 
@@ -532,7 +542,8 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
             and ``cfg.train`` how each trial trains (``train.epochs`` at most), ``cfg.score``
             the inversion settings that ``tune.z_lr`` / ``tune.steps`` leave fixed.
         interrupt_after_trials: fault injection for tests: stop the sweep as Ctrl+C does once
-            this many trials finished (raises :class:`SweepInterrupted`).
+            this many trials finished and another one has reported an epoch and goes on
+            (raises :class:`SweepInterrupted`).
 
     Returns:
         The summary, also written to ``out/summary.json``.
@@ -544,6 +555,7 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
     """
     started = time.monotonic()
     check_search_space(cfg.tune)
+    patches, out = storage.absolute(patches), storage.absolute(out)  # trials run elsewhere
     if (
         interrupt_after_trials is not None
         and threading.current_thread() is not threading.main_thread()
@@ -640,7 +652,11 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
         if callback:
             _ARMED_INTERRUPTS.discard(callback.token)
 
-    finished = grid.num_terminated + grid.num_errors
+    # a trial that ran to its end or was stopped by ASHA has a final result marked done; Tune
+    # also calls the trials it stopped for an interruption "terminated", but not done
+    finished = sum(
+        result.error is not None or bool((result.metrics or {}).get("done")) for result in grid
+    )
     if finished < cfg.tune.num_samples:
         raise SweepInterrupted(
             f"sweep {experiment_url} stopped with {finished} of {cfg.tune.num_samples} trials "
