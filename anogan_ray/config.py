@@ -106,6 +106,8 @@ class TrainConfig:
     max_failures: int = _at_least(0, 2)  # worker failures tolerated (restart from checkpoint)
     seed: int = 0
     batchnorm_samples: int = _at_least(1, 4096)  # z draws / real patches for final BN statistics
+    baselines: bool = True  # also train the aCAE and fit PCA (the paper's Table 1 baselines)
+    pca_components: int = _at_least(1, 8)  # components of the PCA baseline
 
 
 @dataclass

@@ -13,6 +13,7 @@ Layout of ``out`` (each stage folder is exactly what that stage's command writes
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -69,6 +70,7 @@ def run_demo(out: str, cfg: Config) -> dict[str, Any]:
         scores, out=folders["model"], method="percentile", percentile=DEMO_PERCENTILE
     )
     evaluation = stage("evaluate", metrics.evaluate, scores, threshold=folders["model"])
+    print(metrics.format_paper_table(evaluation), file=sys.stderr)  # the paper's Table 1
     stage("report", report, scores, folders["report"], patches=patches, model=folders["model"])
     summary = {
         "out": out,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anogan_ray.baselines import acae_score
 from anogan_ray.model import Discriminator, Generator, ModelBundle, sample_latent
 from anogan_ray.patches import patch_seed
 
@@ -248,6 +249,8 @@ SCORE_COLUMNS = (
     "residual_max",
     "residual_max_y",
     "residual_max_x",
+    "acae_score",
+    "pca_score",
 )
 
 
@@ -263,7 +266,8 @@ def score_patches(
     return_z: bool = False,
     fast_math: bool = False,
 ) -> dict[str, np.ndarray]:
-    """All score-table columns for a batch: A, R, D, p_d, GAN_R (NaN unless requested), residual max.
+    """All score-table columns for a batch: A, R, D, p_d, GAN_R (NaN unless requested), residual
+    max, and the baselines' scores (NaN when the bundle has no such baseline).
 
     Returns:
         ``{column: (B,) array}`` for :data:`SCORE_COLUMNS`, plus ``z`` (B, nz) when ``return_z``.
@@ -280,6 +284,12 @@ def score_patches(
         ref = invert_batch(model, pixels, patch_ids, mode="reference", **common)
         columns["ref_discrimination_score"] = ref.discrimination_score
         columns["ref_anomaly_score"] = ref.anomaly_score
+    columns["acae_score"] = columns["pca_score"] = nan
+    baselines = model.baselines if isinstance(model, ModelBundle) else {}
+    if "acae" in baselines:
+        columns["acae_score"] = acae_score(baselines["acae"], pixels)
+    if "pca" in baselines:
+        columns["pca_score"] = baselines["pca"].score(pixels.cpu().numpy()).astype(np.float32)
     out = {name: columns[name] for name in SCORE_COLUMNS}
     if return_z:
         out["z"] = z

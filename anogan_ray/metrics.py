@@ -27,20 +27,26 @@ from sklearn.metrics import roc_curve
 
 from anogan_ray import query, storage
 
-# Short names (the paper's) -> score table columns.
+# Short names (the paper's) -> score table columns, in the order of the paper's Table 1 (the
+# baselines first, AnoGAN's scores, then the PCA baseline).
 SCORES = {
-    "A": "anomaly_score",
-    "R": "residual_score",
-    "D": "discrimination_score",
+    "aCAE": "acae_score",
     "P_D": "p_d",
     "GAN_R": "ref_anomaly_score",
     "D_ref": "ref_discrimination_score",
+    "A": "anomaly_score",
+    "R": "residual_score",
+    "D": "discrimination_score",
+    "PCA": "pca_score",
 }
 LOWER_IS_ANOMALOUS = ("p_d",)
 METHODS = ("percentile", "youden", "f1")
 LEVELS = ("patch", "volume", "subject")
 AGGREGATES = ("max", "mean")
 THRESHOLD_FILE = "threshold.json"
+# Lesion-size strata of the patch-level AUC: anomalous patches with at most 3 % / more than 5 %
+# annotated pixels (against all healthy patches). Half the phantom's anomalous patches are small.
+LESION_STRATA = {"auc_small": (0.0, 0.03), "auc_large": (0.05, 1.0)}
 
 
 class MetricsError(ValueError):
@@ -410,6 +416,8 @@ def evaluate(
         fpr, tpr, _ = roc_curve(labels[finite], values[finite])
         row["column"] = column
         row["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+        if level == "patch" and "anomaly_fraction" in evaluated.columns:
+            row.update(auc_by_lesion_size(values, labels, evaluated["anomaly_fraction"]))
         results[name] = row
     return {
         "level": level,
@@ -424,10 +432,28 @@ def evaluate(
     }
 
 
+def auc_by_lesion_size(
+    scores: np.ndarray, labels: np.ndarray, anomaly_fraction: Sequence[float] | np.ndarray
+) -> dict[str, float]:
+    """Patch AUC with the anomalous patches restricted to each of :data:`LESION_STRATA`.
+
+    Every healthy patch stays in each stratum; NaN where a stratum has no anomalous patch.
+    """
+    fraction = np.asarray(anomaly_fraction, dtype=np.float64)
+    result = {}
+    for name, (low, high) in LESION_STRATA.items():
+        keep = (labels == 0) | ((labels == 1) & (fraction > low) & (fraction <= high))
+        result[name] = paper_table(scores[keep], labels[keep])["auc"]
+    return result
+
+
 def format_paper_table(result: dict[str, Any]) -> str:
     """The paper's table (one row per score) for the terminal."""
     head = f"{'score':<7}{'precision':>10}{'recall':>9}{'sensitivity':>12}{'specificity':>12}"
     head += f"{'AUC':>8}{'threshold':>11}"
+    strata = any("auc_small" in row for row in result["scores"].values())
+    if strata:
+        head += f"{'AUC<=3%':>9}{'AUC>5%':>8}"
     lines = [
         f"{result['level']} level, split {result['split']}: {result['n']} cases, "
         f"{result['n_anomalous']} anomalous; thresholds: {result['threshold_source']}",
@@ -440,5 +466,10 @@ def format_paper_table(result: dict[str, Any]) -> str:
             f"{name:<7}{row['precision']:>10.4f}{row['recall']:>9.4f}{row['sensitivity']:>12.4f}"
             f"{row['specificity']:>12.4f}{row['auc']:>8.4f}"
             + (f"{t:>11.4g}" if t is not None else f"{'-':>11}")
+            + (
+                f"{row.get('auc_small', math.nan):>9.4f}{row.get('auc_large', math.nan):>8.4f}"
+                if strata
+                else ""
+            )
         )
     return "\n".join(lines)

@@ -9,7 +9,9 @@ The model bundle (DESIGN.md §3.3) is a folder:
     config.json          architecture, normalization, training run and data fingerprint
     generator.pt         G's state dict (tensors only; loaded with ``weights_only=True``)
     discriminator.pt     D's state dict
-    bundle.json          sha256 of each file and ``model_id``, a hash over all three
+    acae.pt              optional: the aCAE baseline's state dict
+    pca.npz              optional: the PCA baseline's mean and components (arrays only)
+    bundle.json          sha256 of each file and ``model_id``, a hash over all of them
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import io
 import json
 import pickle
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ from anogan_ray.config import ConfigError, ModelConfig, config_from_dict
 
 BUNDLE_FORMAT = 1
 _BUNDLE_FILES = ("config.json", "generator.pt", "discriminator.pt")
+_BASELINE_FILES = {"acae": "acae.pt", "pca": "pca.npz"}  # optional members
 
 
 class BundleError(ValueError):
@@ -184,10 +187,13 @@ class ModelBundle:
     model_config: ModelConfig
     metadata: dict[str, Any]  # training run id, data fingerprint, normalization, ...
     model_id: str
+    baselines: dict[str, Any] = field(default_factory=dict)  # "acae" module, "pca" PCABaseline
 
     def to(self, device: Any) -> ModelBundle:
         self.generator.to(device)
         self.discriminator.to(device)
+        if "acae" in self.baselines:
+            self.baselines["acae"].to(device)
         return self
 
 
@@ -196,7 +202,9 @@ def _sha256(data: bytes) -> str:
 
 
 def _model_id(file_hashes: dict[str, str]) -> str:
-    joined = "".join(f"{name}:{file_hashes[name]};" for name in _BUNDLE_FILES)
+    """A hash over G, D and the config, then every optional member present, in a fixed order."""
+    names = [*_BUNDLE_FILES, *(n for n in _BASELINE_FILES.values() if n in file_hashes)]
+    joined = "".join(f"{name}:{file_hashes[name]};" for name in names)
     return _sha256(joined.encode())[:16]
 
 
@@ -212,10 +220,12 @@ def save_bundle(
     discriminator: Discriminator,
     model_cfg: ModelConfig,
     metadata: dict[str, Any] | None = None,
+    baselines: dict[str, Any] | None = None,
 ) -> str:
     """Write a model bundle folder at ``url`` and return its ``model_id``.
 
     The caller exports BatchNorm statistics that are final (see the training stage).
+    ``baselines`` may hold the trained ``"acae"`` module and the fitted ``"pca"`` baseline.
     """
     config = {
         "format": BUNDLE_FORMAT,
@@ -228,6 +238,11 @@ def save_bundle(
         "generator.pt": _state_bytes(generator),
         "discriminator.pt": _state_bytes(discriminator),
     }
+    baselines = baselines or {}
+    if "acae" in baselines:
+        contents[_BASELINE_FILES["acae"]] = _state_bytes(baselines["acae"])
+    if "pca" in baselines:
+        contents[_BASELINE_FILES["pca"]] = baselines["pca"].to_bytes()
     hashes = {name: _sha256(data) for name, data in contents.items()}
     model_id = _model_id(hashes)
     storage.makedirs(url)
@@ -246,11 +261,14 @@ def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
     """
     try:
         index = storage.read_json(storage.join(url, "bundle.json"))
-        contents = {name: storage.read_bytes(storage.join(url, name)) for name in _BUNDLE_FILES}
+        members = [*_BUNDLE_FILES, *(n for n in _BASELINE_FILES.values() if n in index["sha256"])]
+        contents = {name: storage.read_bytes(storage.join(url, name)) for name in members}
     except (FileNotFoundError, OSError) as err:
         raise BundleError(f"model bundle {url}: cannot read it ({err})") from err
     except json.JSONDecodeError as err:
         raise BundleError(f"model bundle {url}: bundle.json is not valid JSON ({err})") from err
+    except (KeyError, TypeError) as err:
+        raise BundleError(f"model bundle {url}: bundle.json has no sha256 table") from err
     recorded = index.get("sha256") if isinstance(index, dict) else None
     if not isinstance(recorded, dict):
         raise BundleError(f"model bundle {url}: bundle.json has no sha256 table")
@@ -267,8 +285,15 @@ def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
         model_cfg = config_from_dict({"model": config["model"]}).model
     except (ConfigError, KeyError) as err:
         raise BundleError(f"model bundle {url}: incompatible model config ({err})") from err
+    from anogan_ray.baselines import AdversarialAutoencoder, PCABaseline
+
     generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
-    for module, name in ((generator, "generator.pt"), (discriminator, "discriminator.pt")):
+    modules = [(generator, "generator.pt"), (discriminator, "discriminator.pt")]
+    baselines: dict[str, Any] = {}
+    if _BASELINE_FILES["acae"] in contents:
+        baselines["acae"] = AdversarialAutoencoder(model_cfg)
+        modules.append((baselines["acae"], _BASELINE_FILES["acae"]))
+    for module, name in modules:
         try:  # weights_only: tensors and plain containers, never arbitrary objects
             state = torch.load(io.BytesIO(contents[name]), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
@@ -278,5 +303,12 @@ def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
         except RuntimeError as err:
             raise BundleError(f"model bundle {url}: {name} does not fit the config: {err}") from err
         module.eval().requires_grad_(False)
-    bundle = ModelBundle(generator, discriminator, model_cfg, config["metadata"], model_id)
+    if _BASELINE_FILES["pca"] in contents:
+        try:
+            baselines["pca"] = PCABaseline.from_bytes(contents[_BASELINE_FILES["pca"]])
+        except (ValueError, KeyError, OSError) as err:
+            raise BundleError(f"model bundle {url}: pca.npz is not a PCA baseline: {err}") from err
+    bundle = ModelBundle(
+        generator, discriminator, model_cfg, config["metadata"], model_id, baselines
+    )
     return bundle.to(device)

@@ -32,6 +32,8 @@ SCORE_COLUMNS = (
     "p_d",  # D's output probability for x
     "ref_anomaly_score",  # GAN_R (Yeh et al. reference discrimination loss)
     "ref_discrimination_score",  # D^(x)
+    "acae_score",  # the aCAE baseline's reconstruction residual
+    "pca_score",  # the PCA baseline's reconstruction residual
 )
 LEVELS = ("volume", "subject")
 FORMATS = ("table", "csv", "parquet", "json")

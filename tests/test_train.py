@@ -51,6 +51,38 @@ def test_only_the_train_split_is_read(patch_table):
     assert sorted(data.dataset.columns()) == ["patch_id", "pixels"]  # labels never reach training
 
 
+def test_training_batches_mix_volumes_in_a_seeded_order(ray_local, tmp_path):
+    """Preprocess writes one volume per file; a training batch must still mix the cohort."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    from anogan_ray.patches import patch_id
+
+    volumes, per_volume = 8, 128
+    (tmp_path / "split=train").mkdir()
+    for v in range(volumes):
+        ids = [patch_id(f"vol{v}", i // 8, 0, 32 * (i % 8)) for i in range(per_volume)]
+        pixels = np.full((per_volume, 64, 64), v, np.uint8)
+        table = pa.table({"patch_id": ids, "pixels": ArrowTensorArray.from_numpy(pixels)})
+        pq.write_table(table, tmp_path / "split=train" / f"part-{v}.parquet")
+
+    def volume_batches(seed: int) -> list[list[str]]:
+        data = read_training_patches(str(tmp_path), seed=seed)
+        batches = data.dataset.iter_batches(
+            batch_size=32, batch_format="numpy", local_shuffle_buffer_size=256,
+            local_shuffle_seed=seed,
+        )  # fmt: skip
+        return [[pid.split("/")[0] for pid in batch["patch_id"]] for batch in batches]
+
+    batches = volume_batches(seed=0)
+    assert len(batches) == volumes * per_volume // 32
+    # every batch holds patches of most volumes (read in file order it would hold one)
+    assert min(len(set(batch)) for batch in batches) >= volumes // 2
+    assert volume_batches(seed=0) == batches  # reproducible
+    assert volume_batches(seed=1) != batches
+
+
 def test_missing_train_split_is_a_clear_error(ray_local, tmp_path):
     with pytest.raises(TrainError, match=r"no Parquet files under split=train"):
         train(str(tmp_path), str(tmp_path / "model"), _config())

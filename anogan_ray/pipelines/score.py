@@ -58,6 +58,8 @@ AUC_COLUMNS = {  # score column -> sign that makes "larger = more anomalous"
     "discrimination_score": 1.0,
     "p_d": -1.0,  # D's probability of "real": low means anomalous
     "ref_anomaly_score": 1.0,
+    "acae_score": 1.0,
+    "pca_score": 1.0,
 }
 
 

@@ -1,13 +1,18 @@
-"""Adversarial training of AnoGAN's DCGAN with Ray Train (DDP over N workers).
+"""Training with Ray Train (DDP over N workers): one harness for every recipe, and the export.
 
-The driver (:func:`train`) reads the patch table's ``train`` split with Ray Data, starts a
-``TorchTrainer`` whose workers each train on their shard (G and D each wrapped in DDP, gloo on
-CPU, NCCL on GPU), and exports the final model bundle. Layout of the stage folder ``out``:
+The driver (:func:`train`) reads the patch table's ``train`` split with Ray Data (shuffled
+across volumes, seeded), runs the GAN recipe and, with ``train.baselines``, the aCAE recipe
+(:mod:`anogan_ray.recipes`) through the same harness (:func:`make_trainer`: each worker trains
+its shard, every module wrapped in DDP, gloo on CPU, NCCL on GPU), fits the PCA baseline and
+exports the model bundle. Layout of the stage folder ``out``:
 
-    out/config.json, generator.pt, discriminator.pt, bundle.json    the model bundle
-    out/summary.json                                                steps, time, patches/s
-    out/samples/epoch_001.png, ...                                  G(z) for a fixed z per epoch
-    out/_runs/<run_name>/checkpoint_<step>/                         Ray Train checkpoints
+    out/config.json, generator.pt, discriminator.pt, [acae.pt, pca.npz], bundle.json
+                                                    the model bundle
+    out/summary.json                                steps, time, patches/s, generative quality
+    out/generative_quality.json                     sliced Wasserstein distance per epoch
+    out/samples/epoch_001.png, ...                  G(z) for a fixed z per epoch
+    out/_runs/<run_name>/checkpoint_<step>/         Ray Train checkpoints of the GAN
+    out/_runs/<run_name>-acae/checkpoint_<step>/    ... of the aCAE
 
 Re-running with the same ``train.run_name`` resumes from the last checkpoint; a worker that
 dies is restarted from it (``train.max_failures``).
@@ -34,15 +39,14 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 from anogan_ray import storage
+from anogan_ray.baselines import AdversarialAutoencoder, PCABaseline
 from anogan_ray.config import Config, ModelConfig, config_from_dict
 from anogan_ray.model import (
     Discriminator,
     Generator,
-    build_models,
     finalize_batchnorm,
     sample_latent,
     save_bundle,
@@ -50,16 +54,29 @@ from anogan_ray.model import (
 from anogan_ray.patches import decode_pixels
 from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.preprocess import read_patch_table
+from anogan_ray.recipes import (
+    ACAE,
+    GAN,
+    RECIPES,
+    Recipe,
+    patch_features,
+    sliced_wasserstein,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
 TRAIN_SPLIT = "train"
 RUNS_FOLDER = "_runs"  # Ray Train run storage inside the stage folder
 SAMPLES_FOLDER = "samples"
+QUALITY_FILE = "generative_quality.json"
 _STATE_FILE = "state.pt"  # tensors and plain containers only (loaded with weights_only=True)
 _META_FILE = "meta.json"  # model config, data fingerprint, step: checked before resuming
 _SAMPLE_GRID = 8  # the epoch previews are 8 x 8 patches
-_SHUFFLE_BUFFER = 1024  # rows in each worker's local shuffle buffer
+_SHUFFLE_BUFFER = 1024  # rows in each worker's local shuffle buffer (on top of the global shuffle)
+_QUALITY_SAMPLES = 512  # real and generated patches of the generative-quality figure
+_PCA_SAMPLES = 20_000  # training patches the PCA baseline is fitted on (at most)
+ACAE_MODULE = "autoencoder"  # the aCAE recipe's module that joins the bundle
 
 
 class TrainError(ValueError):
@@ -70,18 +87,23 @@ class TrainError(ValueError):
 class TrainingPatches:
     """The ``train`` split of a patch table, read once and kept in Ray's object store."""
 
-    dataset: ray.data.Dataset  # ``patch_id`` and ``pixels`` (uint8, 64 x 64), materialized
+    dataset: (
+        ray.data.Dataset
+    )  # ``patch_id`` and ``pixels`` (uint8, 64 x 64), shuffled, materialized
     num_patches: int
     fingerprint: str  # hash of the set of train patch ids (independent of files and order)
     url: str
 
 
-def read_training_patches(patches: str) -> TrainingPatches:
-    """Read the ``split=train`` partition of the patch table at ``patches``.
+def read_training_patches(patches: str, seed: int = 0) -> TrainingPatches:
+    """Read the ``split=train`` partition of the patch table at ``patches``, shuffled.
 
     ``patches`` is the patch table folder or the preprocess stage folder that holds it. Only
-    ``patch_id`` and ``pixels`` are kept; labels are never used for training. The dataset is materialized,
-    so every epoch reuses it and the training workers can take every CPU.
+    ``patch_id`` and ``pixels`` are kept; labels are never used for training. The rows are
+    shuffled globally with ``seed`` (the table is written one volume per block, so without it a
+    batch would come from one or two eyes and BatchNorm would see one eye per step) and the
+    dataset is materialized, so every epoch reuses it and the training workers can take every
+    CPU. Each epoch then reads it through a seeded local shuffle buffer.
 
     Raises:
         TrainError: the table has no ``split=train`` partition or it holds no patches.
@@ -95,8 +117,13 @@ def read_training_patches(patches: str) -> TrainingPatches:
             f"patch table {patches}: no Parquet files under split={TRAIN_SPLIT}/ "
             "(expected a table written by `anogan-ray preprocess`, hive-partitioned by split)"
         )
-    table = read_patch_table(patches, [TRAIN_SPLIT]).select_columns(["patch_id", "pixels"])
-    table = table.materialize()
+    options = ray.data.DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True  # files in order: seeded rows
+    try:
+        table = read_patch_table(patches, [TRAIN_SPLIT]).select_columns(["patch_id", "pixels"])
+        table = table.random_shuffle(seed=seed).materialize()
+    finally:
+        options.preserve_order = saved
     num_patches = table.count()
     if num_patches == 0:
         raise TrainError(f"patch table {patches}: split={TRAIN_SPLIT} holds no patches")
@@ -110,7 +137,7 @@ def read_training_patches(patches: str) -> TrainingPatches:
 
 
 def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = None) -> dict:
-    """Train G and D on the patch table's ``train`` split and export the model bundle to ``out``.
+    """Train G and D (and the baselines) on the ``train`` split and export the bundle to ``out``.
 
     Args:
         patches: the patch table folder (local or ``s3://``).
@@ -118,7 +145,7 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
             run's checkpoints, sample grids and ``summary.json``.
         cfg: the whole configuration; ``cfg.model`` and ``cfg.train`` are used.
         crash_at_step: fault-injection for tests: the last worker kills its own process
-            (SIGKILL) once at this step, in a run not restored from a checkpoint.
+            (SIGKILL) once at this step, in a run of the GAN not restored from a checkpoint.
 
     Returns:
         The summary, also written to ``out/summary.json``.
@@ -127,18 +154,23 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
     patches, out = storage.absolute(patches), storage.absolute(out)  # workers run elsewhere
     ensure_ray()
     train_cfg = cfg.train
-    data = read_training_patches(patches)
+    data = read_training_patches(patches, seed=train_cfg.seed)
     steps_per_epoch, total_steps = plan_steps(data, cfg)
-    run_url = storage.join(out, RUNS_FOLDER, train_cfg.run_name)
-    _check_previous_run(run_url, cfg.model, data.fingerprint)
-    trainer = make_trainer(data, out, cfg, crash_at_step=crash_at_step)
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise TrainError(f"training run {run_url} finished without a checkpoint")
-    metrics = dict(result.metrics)
-
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        state = _read_state(checkpoint_dir)
+    recipes = [GAN, ACAE] if train_cfg.baselines else [GAN]
+    results = {}
+    for recipe in recipes:
+        _check_previous_run(run_url(out, cfg, recipe), cfg.model, data.fingerprint)
+    for recipe in recipes:
+        crash = crash_at_step if recipe is GAN else None
+        result = make_trainer(data, out, cfg, recipe=recipe, crash_at_step=crash).fit()
+        if result.checkpoint is None:
+            raise TrainError(
+                f"training run {run_url(out, cfg, recipe)} finished without a checkpoint"
+            )
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            results[recipe.name] = (_read_state(checkpoint_dir), dict(result.metrics))
+    state, metrics = results[GAN.name]
+    pca = fit_pca(data, cfg) if train_cfg.baselines else None
     export = export_bundle(
         out,
         state,
@@ -146,7 +178,7 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
         data,
         metadata={
             "run_name": train_cfg.run_name,
-            "run": run_url,
+            "run": run_url(out, cfg, GAN),
             "step": state["step"],
             "epochs": state["step"] / steps_per_epoch,
             "data_fingerprint": data.fingerprint,
@@ -154,6 +186,8 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
             "train_patches": data.num_patches,
             "train_config": cfg.to_dict()["train"],
         },
+        acae_state=results[ACAE.name][0] if ACAE.name in results else None,
+        pca=pca,
     )
     summary = {
         "stage": "train",
@@ -167,19 +201,37 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
         "wall_seconds": round(time.monotonic() - started, 2),
         "train_seconds": metrics.get("train_seconds"),
         "patches_per_s": metrics.get("patches_per_s"),
-        "final_metrics": {
-            key: metrics.get(key) for key in ("d_loss", "g_loss", "d_real", "d_fake")
-        },
+        "final_metrics": {name: metrics.get(name) for name in GAN.metric_names},
+        "generative_quality": read_generative_quality(out),
         "replicas_identical": metrics.get("replicas_identical"),
+        "baselines": {
+            name: {
+                "train_seconds": m.get("train_seconds"),
+                "final_metrics": {key: m.get(key) for key in RECIPES[name].metric_names},
+            }
+            for name, (_, m) in results.items()
+            if name != GAN.name
+        }
+        | ({"pca": {"components": int(pca.components.shape[0])}} if pca is not None else {}),
         "model_id": export["model_id"],
         "bundle": out,
-        "run": run_url,
+        "run": run_url(out, cfg, GAN),
         "samples": storage.list_files(storage.join(out, SAMPLES_FOLDER), suffix=".png"),
         "batchnorm_check": export["batchnorm_check"],
     }
     storage.write_json(storage.join(out, "summary.json"), summary)
     log.info("trained %s steps; bundle %s at %s", summary["steps"], export["model_id"], out)
     return summary
+
+
+def run_name(cfg: Config, recipe: Recipe = GAN) -> str:
+    """The Ray Train run name of a recipe: ``train.run_name`` for the GAN, ``<name>-acae``, ..."""
+    return cfg.train.run_name if recipe is GAN else f"{cfg.train.run_name}-{recipe.name}"
+
+
+def run_url(out: str, cfg: Config, recipe: Recipe = GAN) -> str:
+    """Where a recipe's Ray Train run keeps its checkpoints."""
+    return storage.join(out, RUNS_FOLDER, run_name(cfg, recipe))
 
 
 def plan_steps(data: TrainingPatches, cfg: Config) -> tuple[int, int]:
@@ -210,34 +262,41 @@ def make_trainer(
     out: str,
     cfg: Config,
     *,
+    recipe: Recipe = GAN,
     epoch_end: EpochEnd | None = None,
     callbacks: list | None = None,
     crash_at_step: int | None = None,
 ) -> ray.train.torch.TorchTrainer:
     """The ``TorchTrainer`` of a training run: ``anogan-ray train`` and every sweep trial.
 
-    The run's checkpoints go to ``out/_runs/<train.run_name>`` (the same name resumes), its
-    sample grids to ``out/samples``.
+    The run's checkpoints go to :func:`run_url` (the same name resumes), the GAN's sample grids
+    to ``out/samples`` and its generative-quality figure to ``out/generative_quality.json``.
 
     Args:
+        recipe: what is trained (:data:`anogan_ray.recipes.GAN` or another recipe).
         epoch_end: called on rank 0 after every epoch (and at the last step) with the state of
-            G and D (CPU state dicts, ``"generator"`` and ``"discriminator"``) and ``"epoch"``;
-            the metrics it returns are reported with the epoch's. A sweep evaluates its
-            objective here.
+            the recipe's modules (CPU state dicts under their names, e.g. ``"generator"``) and
+            ``"epoch"``; the metrics it returns are reported with the epoch's. A sweep evaluates
+            its objective here.
         callbacks: Ray Train callbacks (a sweep trial's ``TuneReportCallback``).
         crash_at_step: see :func:`train`.
     """
     train_cfg = cfg.train
     steps_per_epoch, total_steps = plan_steps(data, cfg)
     storage_fs, storage_path = storage.arrow_filesystem(storage.join(out, RUNS_FOLDER))
+    reference = None
+    if recipe.samples is not None:  # fixed real patches for the generative-quality figure
+        reference = _sample_pixels(data, 2 * _QUALITY_SAMPLES)
     loop_config = {
         "config": cfg.to_dict(),
+        "recipe": recipe.name,
         "out": out,
         "fingerprint": data.fingerprint,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "crash_at_step": crash_at_step,
         "epoch_end": epoch_end,
+        "reference_pixels": reference,
     }
     resources = {"CPU": 1, "GPU": 1} if train_cfg.use_gpu else {"CPU": 1}
     return ray.train.torch.TorchTrainer(
@@ -249,7 +308,7 @@ def make_trainer(
             resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
-            name=train_cfg.run_name,
+            name=run_name(cfg, recipe),
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
@@ -280,79 +339,24 @@ def _model_dict(model_cfg: ModelConfig) -> dict[str, Any]:
     return json.loads(json.dumps(model_cfg.__dict__))
 
 
-# ---------------------------------------------------------------------------------------------
-# The worker: one DDP replica of G and D
-# ---------------------------------------------------------------------------------------------
+def _sample_pixels(data: TrainingPatches, count: int) -> np.ndarray:
+    """The first ``count`` rows of the (shuffled) training table: (N, 64, 64) uint8.
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP wrapper (``prepare_model`` does not wrap a single worker)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def gan_step(
-    generator: nn.Module,
-    discriminator: nn.Module,
-    optimizer_g: torch.optim.Optimizer,
-    optimizer_d: torch.optim.Optimizer,
-    real: torch.Tensor,
-    model_cfg: ModelConfig,
-    *,
-    real_target: torch.Tensor | None = None,
-    fake_target: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One adversarial update of D, then of G, on a batch of real patches.
-
-    G and D may be DDP-wrapped; z is drawn from torch's global generator, one per real patch.
-
-    Args:
-        real: (B, 1, 64, 64) patches in [-1, 1], on the models' device.
-        real_target, fake_target: (B,) ones and zeros (made here when not given).
-
-    Returns:
-        A detached (4,) tensor: D's loss, G's loss, mean D(x), mean D(G(z)) before D's update.
+    The table is shuffled across the cohort with ``train.seed`` when read, so its first rows are
+    a random sample of every volume, always the same ones for the same table and seed.
     """
-    batch_size = real.shape[0]
-    if real_target is None:
-        real_target = torch.ones(batch_size, device=real.device)
-    if fake_target is None:
-        fake_target = torch.zeros(batch_size, device=real.device)
+    batch = data.dataset.limit(count).take_batch(count, batch_format="numpy")
+    return np.stack(list(batch["pixels"])).astype(np.uint8)
 
-    # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
-    optimizer_d.zero_grad(set_to_none=True)
-    real_logits = discriminator(real)  # (B,)
-    loss_d_real = F.binary_cross_entropy_with_logits(real_logits, real_target)
-    loss_d_real.backward()
-    z = sample_latent(batch_size, model_cfg, device=real.device)  # (B, latent_dim)
-    fake = generator(z)  # (B, 1, 64, 64)
-    fake_logits = discriminator(fake.detach())
-    loss_d_fake = F.binary_cross_entropy_with_logits(fake_logits, fake_target)
-    loss_d_fake.backward()
-    optimizer_d.step()
 
-    # (2) Update G network: maximize log(D(G(z))), the non-saturating form of
-    # minimizing log(1 - D(G(z))) (same fixed point, stronger gradients early on).
-    # D runs outside its DDP wrapper with frozen weights: only G's gradients are synced.
-    optimizer_g.zero_grad(set_to_none=True)
-    plain_discriminator = _unwrap(discriminator).requires_grad_(False)
-    loss_g = F.binary_cross_entropy_with_logits(plain_discriminator(fake), real_target)
-    loss_g.backward()
-    plain_discriminator.requires_grad_(True)
-    optimizer_g.step()
-
-    with torch.no_grad():
-        return torch.stack(
-            [
-                (loss_d_real + loss_d_fake).detach(),
-                loss_g.detach(),
-                torch.sigmoid(real_logits).mean(),
-                torch.sigmoid(fake_logits).mean(),
-            ]
-        )
+# ---------------------------------------------------------------------------------------------
+# The worker: one DDP replica of the recipe's modules
+# ---------------------------------------------------------------------------------------------
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["config"])
+    recipe = RECIPES[config["recipe"]]
     model_cfg, train_cfg = cfg.model, cfg.train
     out, epoch_end = config["out"], config["epoch_end"]
     steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
@@ -360,42 +364,35 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    generator, discriminator = build_models(model_cfg, seed=train_cfg.seed)
+    modules = recipe.build(model_cfg, train_cfg.seed)
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
             state = _read_state(checkpoint_dir)
-        generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
-    # Each network is its own DDP module: G's and D's gradients are averaged in their own
-    # backward passes. DDP broadcasts rank 0's BatchNorm buffers at each forward.
-    generator = ray.train.torch.prepare_model(generator)
-    discriminator = ray.train.torch.prepare_model(discriminator)
-    betas = (train_cfg.beta1, 0.999)
-    optimizer_g = torch.optim.Adam(generator.parameters(), lr=train_cfg.lr_generator, betas=betas)
-    optimizer_d = torch.optim.Adam(
-        discriminator.parameters(), lr=train_cfg.lr_discriminator, betas=betas
-    )
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+    # Each module is its own DDP module: its gradients are averaged in its own backward passes.
+    # DDP broadcasts rank 0's BatchNorm buffers at each forward.
+    modules = {name: ray.train.torch.prepare_model(module) for name, module in modules.items()}
+    optimizers = recipe.optimizers(modules, train_cfg)
     step = 0
     if state is not None:
-        optimizer_g.load_state_dict(state["optimizer_generator"])
-        optimizer_d.load_state_dict(state["optimizer_discriminator"])
-        for group in optimizer_g.param_groups:  # the config's rates, not the checkpoint's
-            group["lr"] = train_cfg.lr_generator
-        for group in optimizer_d.param_groups:
-            group["lr"] = train_cfg.lr_discriminator
+        rates = recipe.learning_rates(train_cfg)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state[f"optimizer_{name}"])
+            for group in optimizer.param_groups:  # the config's rates, not the checkpoint's
+                group["lr"] = rates[name]
         step = int(state["step"])
     start_step = step
     # every worker draws its own z; the epoch previews use one fixed z
     torch.manual_seed(train_cfg.seed * 1000 + rank + 7919 * step)
     preview_z = sample_latent(
-        _SAMPLE_GRID**2, model_cfg, torch.Generator().manual_seed(train_cfg.seed)
+        _QUALITY_SAMPLES, model_cfg, torch.Generator().manual_seed(train_cfg.seed)
     ).to(device)
 
-    real_target = torch.ones(train_cfg.batch_size, device=device)
-    fake_target = torch.zeros(train_cfg.batch_size, device=device)
-    sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z)) since the last report
+    num_metrics = len(recipe.metric_names)
+    sums = torch.zeros(num_metrics, device=device)  # the step metrics since the last report
     sums_steps = 0
     shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
     train_started = time.monotonic()
@@ -405,30 +402,18 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         totals = torch.cat([sums, torch.tensor([float(sums_steps)], device=device)])
         if world_size > 1:
             torch.distributed.all_reduce(totals)
-        means = (totals[:4] / totals[4].clamp(min=1)).tolist()
-        metrics: dict[str, Any] = {
-            "step": step,
-            "epoch": epoch_done,
-            "start_step": start_step,
-            "d_loss": means[0],
-            "g_loss": means[1],
-            "d_real": means[2],  # mean D(x), a probability
-            "d_fake": means[3],  # mean D(G(z)) before D's update
-        }
+        means = (totals[:num_metrics] / totals[num_metrics].clamp(min=1)).tolist()
+        metrics: dict[str, Any] = {"step": step, "epoch": epoch_done, "start_step": start_step}
+        metrics.update(zip(recipe.metric_names, means))
         sums, sums_steps = torch.zeros_like(sums), 0
         if evaluate and epoch_end is not None and rank == 0:
-            state = {
-                "generator": _cpu_state(_unwrap(generator)),
-                "discriminator": _cpu_state(_unwrap(discriminator)),
-                "epoch": epoch_done,
-            }
-            metrics.update(epoch_end(state))
+            metrics.update(epoch_end({**_cpu_states(modules), "epoch": epoch_done}))
         if final:
             elapsed = time.monotonic() - train_started
             patches_seen = (step - start_step) * train_cfg.batch_size * world_size
             metrics["train_seconds"] = round(elapsed, 3)
             metrics["patches_per_s"] = round(patches_seen / elapsed, 2) if patches_seen else None
-            digests = _replica_digests(generator, discriminator, world_size)
+            digests = _replica_digests(modules, world_size)
             metrics["replica_digests"] = digests
             metrics["replicas_identical"] = len(set(digests)) == 1
         if not (with_checkpoint and rank == 0):
@@ -436,14 +421,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             _write_checkpoint(
-                checkpoint_dir,
-                generator,
-                discriminator,
-                optimizer_g,
-                optimizer_d,
-                step,
-                cfg,
-                config["fingerprint"],
+                checkpoint_dir, recipe, modules, optimizers, step, cfg, config["fingerprint"]
             )
             ray.train.report(
                 metrics,
@@ -461,6 +439,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_format="numpy",
             drop_last=True,
             local_shuffle_buffer_size=_SHUFFLE_BUFFER,
+            local_shuffle_seed=(train_cfg.seed * 7919 + epoch) * 131 + rank,
         )
         for batch_index, batch in enumerate(batches):
             if batch_index >= steps_per_epoch or step >= total_steps:
@@ -476,22 +455,17 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker failure, for the tests
             real = torch.from_numpy(decode_pixels(batch["pixels"])).unsqueeze(1).to(device)
             # real: (B, 1, 64, 64) in [-1, 1]
-            sums += gan_step(
-                generator,
-                discriminator,
-                optimizer_g,
-                optimizer_d,
-                real,
-                model_cfg,
-                real_target=real_target,
-                fake_target=fake_target,
-            )
+            sums += recipe.step(modules, optimizers, real, model_cfg)
             sums_steps += 1
             step += 1
             end_of_epoch = batch_index + 1 == steps_per_epoch
             final = step >= total_steps
-            if end_of_epoch and rank == 0:
-                _write_sample_grid(out, epoch + 1, _unwrap(generator), preview_z)
+            if end_of_epoch and rank == 0 and recipe.samples is not None:
+                generator = unwrap(modules[recipe.samples])
+                _write_sample_grid(out, epoch + 1, generator, preview_z[: _SAMPLE_GRID**2])
+                _record_generative_quality(
+                    out, epoch + 1, step, generator, preview_z, config["reference_pixels"]
+                )
             if end_of_epoch or final or step % train_cfg.checkpoint_every == 0:
                 report(
                     step / steps_per_epoch,
@@ -508,11 +482,11 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:09d}"
 
 
-def _replica_digests(generator: nn.Module, discriminator: nn.Module, world_size: int) -> list:
-    """sha256 of every worker's G and D parameters (identical when DDP kept them in step)."""
+def _replica_digests(modules: dict[str, nn.Module], world_size: int) -> list:
+    """sha256 of every worker's parameters (identical when DDP kept them in step)."""
     digest = hashlib.sha256()
-    for module in (_unwrap(generator), _unwrap(discriminator)):
-        for tensor in module.parameters():
+    for module in modules.values():
+        for tensor in unwrap(module).parameters():
             digest.update(tensor.detach().cpu().numpy().tobytes())
     digests = [digest.hexdigest()[:16]]
     if world_size > 1:
@@ -524,24 +498,20 @@ def _replica_digests(generator: nn.Module, discriminator: nn.Module, world_size:
 
 def _write_checkpoint(
     checkpoint_dir: str,
-    generator: nn.Module,
-    discriminator: nn.Module,
-    optimizer_g: torch.optim.Optimizer,
-    optimizer_d: torch.optim.Optimizer,
+    recipe: Recipe,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
     step: int,
     cfg: Config,
     fingerprint: str,
 ) -> None:
-    state = {
-        "generator": _cpu_state(_unwrap(generator)),
-        "discriminator": _cpu_state(_unwrap(discriminator)),
-        "optimizer_generator": optimizer_g.state_dict(),
-        "optimizer_discriminator": optimizer_d.state_dict(),
-        "step": step,
-    }
+    state: dict[str, Any] = {**_cpu_states(modules), "step": step}
+    for name, optimizer in optimizers.items():
+        state[f"optimizer_{name}"] = optimizer.state_dict()
     torch.save(state, os.path.join(checkpoint_dir, _STATE_FILE))
     meta = {
         "step": step,
+        "recipe": recipe.name,
         "model": _model_dict(cfg.model),
         "data_fingerprint": fingerprint,
         "config": cfg.to_dict(),
@@ -550,13 +520,54 @@ def _write_checkpoint(
         json.dump(meta, f, indent=2, sort_keys=True)
 
 
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().cpu() for key, value in module.state_dict().items()}
+def _cpu_states(modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        name: {key: value.detach().cpu() for key, value in unwrap(module).state_dict().items()}
+        for name, module in modules.items()
+    }
 
 
 def _read_state(checkpoint_dir: str) -> dict[str, Any]:
     path = os.path.join(checkpoint_dir, _STATE_FILE)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress a person can see: sample grids and the generative-quality figure
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _record_generative_quality(
+    out: str, epoch: int, step: int, generator: nn.Module, z: torch.Tensor, reference: np.ndarray
+) -> None:
+    """Append this epoch's sliced Wasserstein distance (G's samples vs real patches) to the file.
+
+    G runs on a copy in train mode (batch statistics, as the previews), on a fixed z; the real
+    patches are a fixed sample of the training table; the features are fixed (4 x 4 pools), so
+    the figure does not depend on the D being trained. ``real_vs_real`` (two disjoint real samples)
+    is the floor a perfect G would reach.
+    """
+    samples = copy.deepcopy(generator).train()(z).cpu().numpy()  # (N, 1, 64, 64)
+    real = decode_pixels(reference)
+    half = len(real) // 2
+    features_real = patch_features(real[:half])
+    url = storage.join(out, QUALITY_FILE)
+    record = storage.read_json(url) if storage.exists(url) else {"epochs": {}}
+    if "real_vs_real" not in record:
+        record["real_vs_real"] = sliced_wasserstein(features_real, patch_features(real[half:]))
+    record["metric"] = "sliced Wasserstein-1, 256 projections of 4x4-pooled patches"
+    record["epochs"][str(epoch)] = {
+        "step": step,
+        "sliced_wasserstein": sliced_wasserstein(features_real, patch_features(samples)),
+    }
+    storage.write_json(url, record)
+
+
+def read_generative_quality(out: str) -> dict[str, Any] | None:
+    """The generative-quality record of a training run folder (None when there is none)."""
+    url = storage.join(out, QUALITY_FILE)
+    return storage.read_json(url) if storage.exists(url) else None
 
 
 @torch.no_grad()
@@ -596,14 +607,30 @@ def sample_grid_png(samples: np.ndarray, border: int = 2) -> bytes:
 def batchnorm_pixels(data: TrainingPatches, cfg: Config) -> np.ndarray:
     """The real patches D's BatchNorm statistics are computed over: (N, 64, 64) uint8.
 
-    The first ``train.batchnorm_samples`` patches of the training table (whole batches, at
-    least one), always the same ones for the same table.
+    A random sample of ``train.batchnorm_samples`` patches across the whole training table
+    (whole batches, at least one; see :func:`_sample_pixels`).
     """
     batch_size = cfg.train.batch_size
     count = max(1, cfg.train.batchnorm_samples // batch_size) * batch_size
-    batch = data.dataset.limit(count).take_batch(count, batch_format="numpy")
-    pixels = np.stack(list(batch["pixels"])).astype(np.uint8)
+    pixels = _sample_pixels(data, count)
     return pixels[: len(pixels) // batch_size * batch_size]
+
+
+def fit_pca(data: TrainingPatches, cfg: Config) -> PCABaseline:
+    """The PCA baseline: ``train.pca_components`` components of a random training sample."""
+    pixels = decode_pixels(_sample_pixels(data, min(data.num_patches, _PCA_SAMPLES)))
+    return PCABaseline.fit(pixels, cfg.train.pca_components, seed=cfg.train.seed)
+
+
+def exported_acae(
+    state: dict[str, Any], cfg: Config, real_pixels: np.ndarray
+) -> AdversarialAutoencoder:
+    """The aCAE as it is scored: weights from ``state``, BatchNorm statistics over real patches."""
+    autoencoder = AdversarialAutoencoder(cfg.model)
+    autoencoder.load_state_dict(state[ACAE_MODULE])
+    real = torch.from_numpy(decode_pixels(real_pixels)).unsqueeze(1)  # (N, 1, 64, 64)
+    finalize_batchnorm(autoencoder, real.split(cfg.train.batch_size))
+    return autoencoder.eval()
 
 
 def exported_models(
@@ -642,23 +669,33 @@ def export_bundle(
     cfg: Config,
     data: TrainingPatches,
     metadata: dict[str, Any],
+    acae_state: dict[str, Any] | None = None,
+    pca: PCABaseline | None = None,
 ) -> dict[str, Any]:
     """Write the model bundle at ``out`` from a training checkpoint's state.
 
-    The models are :func:`exported_models` over :func:`batchnorm_pixels`. The result records
-    how far G's eval-mode samples are from its train-mode samples on the same z.
+    The models are :func:`exported_models` over :func:`batchnorm_pixels`; the aCAE (from its
+    run's final state) and the PCA baseline join the bundle when given. The result records how
+    far G's eval-mode samples are from its train-mode samples on the same z.
 
     Returns:
         ``{"model_id": ..., "batchnorm_check": {...}}``.
     """
-    generator, discriminator = exported_models(state, cfg, batchnorm_pixels(data, cfg))
+    real_pixels = batchnorm_pixels(data, cfg)
+    generator, discriminator = exported_models(state, cfg, real_pixels)
     check = batchnorm_check(generator, cfg.model, cfg.train.batch_size, seed=cfg.train.seed + 2)
+    baselines = {}
+    if acae_state is not None:
+        baselines["acae"] = exported_acae(acae_state, cfg, real_pixels)
+    if pca is not None:
+        baselines["pca"] = pca
     model_id = save_bundle(
         out,
         generator,
         discriminator,
         cfg.model,
         {**metadata, "batchnorm_check": check},
+        baselines=baselines,
     )
     return {"model_id": model_id, "batchnorm_check": check}
 

@@ -570,7 +570,7 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
             "label a few pathological volumes for val if you can",
             patches,
         )
-    training = read_training_patches(patches)
+    training = read_training_patches(patches, seed=cfg.train.seed)
     plan_steps(training, cfg)  # enough patches for one batch per worker
     real_pixels = batchnorm_pixels(training, cfg)
     tune_root = storage.join(out, TUNE_FOLDER)
