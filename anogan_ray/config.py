@@ -106,6 +106,8 @@ class TrainConfig:
     max_failures: int = _at_least(0, 2)  # worker failures tolerated (restart from checkpoint)
     seed: int = 0
     batchnorm_samples: int = _at_least(1, 4096)  # z draws / real patches for final BN statistics
+    encoder: bool = True  # also train f-AnoGAN's encoder E after the GAN (fast mappings)
+    encoder_epochs: int = _at_least(0, 0)  # passes of the encoder's training (0: train.epochs)
     baselines: bool = True  # also train the aCAE and fit PCA (the paper's Table 1 baselines)
     pca_components: int = _at_least(1, 8)  # components of the PCA baseline
 
@@ -115,7 +117,10 @@ class ScoreConfig:
     """Latent inversion and anomaly scores (``anogan-ray score``)."""
 
     lambda_: float = _unit(0.1)  # weight of the discrimination loss, eqs. (5) and (6)
-    steps: int = _at_least(1, 500)  # Γ: optimization steps on z
+    steps: int = _at_least(0, 500)  # Γ: optimization steps on z (none with mapping "encoder")
+    mapping: str = _choices(
+        "iterative", "encoder", "encoder+iterative", default="iterative"
+    )  # z_1 from the patch id's seed (the paper) or E(x) (f-AnoGAN), then Γ steps
     z_lr: float = _positive(0.01)  # Adam learning rate of z (the paper does not give one)
     batch_size: int = _at_least(1, 64)  # patches inverted together (scores do not depend on it)
     num_actors: int = _at_least(0, 0)  # scoring actors (0: one per GPU, or per 2 CPUs)

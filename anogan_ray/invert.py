@@ -24,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from anogan_ray.patches import patch_seed
 log = logging.getLogger(__name__)
 
 Mode = Literal["feature", "reference"]
+Mapping = Literal["iterative", "encoder", "encoder+iterative"]
+MAPPINGS = ("iterative", "encoder", "encoder+iterative")
 
 # Relative difference allowed between fast-math (TF32 / bf16) scores and fp32 scores.
 FAST_MATH_RTOL = 1e-2
@@ -138,6 +140,7 @@ def invert_batch(
     return_residual_map: bool = False,
     return_z: bool = False,
     fast_math: bool = False,
+    initial_z: torch.Tensor | None = None,
 ) -> InversionResult:
     """Map a batch of patches to the latent space and score them.
 
@@ -153,6 +156,8 @@ def invert_batch(
         return_residual_map: also return |x − G(z_Γ)|, (B, 64, 64).
         return_z: also return z_Γ, (B, nz).
         fast_math: on CUDA, TF32 matmuls/convolutions (see :func:`check_fast_math`).
+        initial_z: z_1 (B, nz), e.g. E(x) of a trained encoder; by default drawn from the prior
+            with a seed derived from each patch id.
 
     Returns:
         An :class:`InversionResult` of numpy arrays on the CPU.
@@ -174,7 +179,10 @@ def invert_batch(
         )
     device = _device_of(generator)
     x = pixels.to(device=device, dtype=torch.float32)  # (B, 1, 64, 64)
-    z0 = initial_latent(patch_ids, generator, latent_prior, device)  # (B, nz)
+    if initial_z is None:
+        z0 = initial_latent(patch_ids, generator, latent_prior, device)  # (B, nz)
+    else:
+        z0 = initial_z.detach().to(device=device, dtype=torch.float32)  # (B, nz)
 
     def discrimination(x_hat: torch.Tensor, features_x: torch.Tensor | None) -> torch.Tensor:
         if mode == "feature":
@@ -223,6 +231,22 @@ def invert_batch(
     )
 
 
+def encode(model: ModelBundle | Any, pixels: torch.Tensor) -> torch.Tensor:
+    """z = E(x) with the bundle's trained encoder; (B, 1, 64, 64) -> (B, nz).
+
+    Raises:
+        ValueError: the bundle has no encoder.
+    """
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        raise ValueError(
+            "this model bundle has no encoder E: train it with train.encoder=true, or score "
+            "with score.mapping=iterative"
+        )
+    with torch.no_grad():
+        return encoder(pixels.to(device=_device_of(encoder), dtype=torch.float32))
+
+
 def discriminator_probability(
     model: ModelBundle | tuple[Generator, Discriminator], pixels: torch.Tensor
 ) -> np.ndarray:
@@ -265,14 +289,25 @@ def score_patches(
     reference_score: bool = False,
     return_z: bool = False,
     fast_math: bool = False,
+    mapping: Mapping = "iterative",
 ) -> dict[str, np.ndarray]:
     """All score-table columns for a batch: A, R, D, p_d, GAN_R (NaN unless requested), residual
     max, and the baselines' scores (NaN when the bundle has no such baseline).
 
+    ``mapping`` says where z starts: ``iterative`` (the paper: the patch id's seed, then
+    ``steps`` updates), ``encoder`` (z = E(x), no updates: f-AnoGAN) or ``encoder+iterative``
+    (z_1 = E(x), then ``steps`` updates); the encoder mappings need a bundle with E.
+
     Returns:
         ``{column: (B,) array}`` for :data:`SCORE_COLUMNS`, plus ``z`` (B, nz) when ``return_z``.
     """
-    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr, fast_math=fast_math)
+    if mapping not in MAPPINGS:
+        raise ValueError(f"mapping {mapping!r}: expected one of {', '.join(MAPPINGS)}")
+    initial_z = None
+    if mapping != "iterative":
+        initial_z = encode(model, pixels)
+        steps = 0 if mapping == "encoder" else steps
+    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr, fast_math=fast_math, initial_z=initial_z)
     feature = invert_batch(model, pixels, patch_ids, mode="feature", return_z=return_z, **common)
     columns = {f.name: getattr(feature, f.name) for f in fields(feature)}
     columns.pop("residual_map")

@@ -9,6 +9,7 @@ The model bundle (DESIGN.md §3.3) is a folder:
     config.json          architecture, normalization, training run and data fingerprint
     generator.pt         G's state dict (tensors only; loaded with ``weights_only=True``)
     discriminator.pt     D's state dict
+    encoder.pt           optional: E's state dict (f-AnoGAN's fast mapping)
     acae.pt              optional: the aCAE baseline's state dict
     pca.npz              optional: the PCA baseline's mean and components (arrays only)
     bundle.json          sha256 of each file and ``model_id``, a hash over all of them
@@ -32,7 +33,9 @@ from anogan_ray.config import ConfigError, ModelConfig, config_from_dict
 
 BUNDLE_FORMAT = 1
 _BUNDLE_FILES = ("config.json", "generator.pt", "discriminator.pt")
+ENCODER_FILE = "encoder.pt"  # optional member: the trained encoder E
 _BASELINE_FILES = {"acae": "acae.pt", "pca": "pca.npz"}  # optional members
+_OPTIONAL_FILES = (ENCODER_FILE, *_BASELINE_FILES.values())  # in model_id order
 
 
 class BundleError(ValueError):
@@ -104,6 +107,24 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x)).squeeze(1)  # (B,) logits; sigmoid -> D(x)
+
+
+class Encoder(nn.Module):
+    """E of f-AnoGAN: patch (B, 1, 64, 64) -> z (B, latent_dim) in (-1, 1) (tanh-bounded).
+
+    D's convolution stack, then a linear layer to the latent size: one forward pass replaces
+    (or warm-starts) the iterative mapping of z.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.convs = Discriminator(cfg).convs  # state size. (8c) x 4 x 4
+        self.code = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * cfg.base_channels * 4 * 4, cfg.latent_dim), nn.Tanh()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.code(self.convs(x))
 
 
 def init_weights(module: nn.Module) -> None:
@@ -188,10 +209,13 @@ class ModelBundle:
     metadata: dict[str, Any]  # training run id, data fingerprint, normalization, ...
     model_id: str
     baselines: dict[str, Any] = field(default_factory=dict)  # "acae" module, "pca" PCABaseline
+    encoder: Encoder | None = None  # E, when the bundle has one (fast mappings)
 
     def to(self, device: Any) -> ModelBundle:
         self.generator.to(device)
         self.discriminator.to(device)
+        if self.encoder is not None:
+            self.encoder.to(device)
         if "acae" in self.baselines:
             self.baselines["acae"].to(device)
         return self
@@ -203,7 +227,7 @@ def _sha256(data: bytes) -> str:
 
 def _model_id(file_hashes: dict[str, str]) -> str:
     """A hash over G, D and the config, then every optional member present, in a fixed order."""
-    names = [*_BUNDLE_FILES, *(n for n in _BASELINE_FILES.values() if n in file_hashes)]
+    names = [*_BUNDLE_FILES, *(n for n in _OPTIONAL_FILES if n in file_hashes)]
     joined = "".join(f"{name}:{file_hashes[name]};" for name in names)
     return _sha256(joined.encode())[:16]
 
@@ -221,11 +245,13 @@ def save_bundle(
     model_cfg: ModelConfig,
     metadata: dict[str, Any] | None = None,
     baselines: dict[str, Any] | None = None,
+    encoder: Encoder | None = None,
 ) -> str:
     """Write a model bundle folder at ``url`` and return its ``model_id``.
 
     The caller exports BatchNorm statistics that are final (see the training stage).
-    ``baselines`` may hold the trained ``"acae"`` module and the fitted ``"pca"`` baseline.
+    ``baselines`` may hold the trained ``"acae"`` module and the fitted ``"pca"`` baseline;
+    ``encoder`` is the trained E.
     """
     config = {
         "format": BUNDLE_FORMAT,
@@ -238,6 +264,8 @@ def save_bundle(
         "generator.pt": _state_bytes(generator),
         "discriminator.pt": _state_bytes(discriminator),
     }
+    if encoder is not None:
+        contents[ENCODER_FILE] = _state_bytes(encoder)
     baselines = baselines or {}
     if "acae" in baselines:
         contents[_BASELINE_FILES["acae"]] = _state_bytes(baselines["acae"])
@@ -261,7 +289,7 @@ def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
     """
     try:
         index = storage.read_json(storage.join(url, "bundle.json"))
-        members = [*_BUNDLE_FILES, *(n for n in _BASELINE_FILES.values() if n in index["sha256"])]
+        members = [*_BUNDLE_FILES, *(n for n in _OPTIONAL_FILES if n in index["sha256"])]
         contents = {name: storage.read_bytes(storage.join(url, name)) for name in members}
     except (FileNotFoundError, OSError) as err:
         raise BundleError(f"model bundle {url}: cannot read it ({err})") from err
@@ -290,6 +318,9 @@ def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
     generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
     modules = [(generator, "generator.pt"), (discriminator, "discriminator.pt")]
     baselines: dict[str, Any] = {}
+    encoder = Encoder(model_cfg) if ENCODER_FILE in contents else None
+    if encoder is not None:
+        modules.append((encoder, ENCODER_FILE))
     if _BASELINE_FILES["acae"] in contents:
         baselines["acae"] = AdversarialAutoencoder(model_cfg)
         modules.append((baselines["acae"], _BASELINE_FILES["acae"]))
@@ -309,6 +340,6 @@ def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
         except (ValueError, KeyError, OSError) as err:
             raise BundleError(f"model bundle {url}: pca.npz is not a PCA baseline: {err}") from err
     bundle = ModelBundle(
-        generator, discriminator, model_cfg, config["metadata"], model_id, baselines
+        generator, discriminator, model_cfg, config["metadata"], model_id, baselines, encoder
     )
     return bundle.to(device)

@@ -7,6 +7,7 @@ under the module's name), resume, failure handling, progress and reports.
 
 - ``gan``: AnoGAN's DCGAN, G and D (the paper's eq. (1)).
 - ``acae``: the adversarial convolutional autoencoder baseline (:mod:`anogan_ray.baselines`).
+- ``encoder``: f-AnoGAN's encoder E (izi_f), trained with the exported G and D frozen.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from anogan_ray.baselines import acae_step, build_acae
 from anogan_ray.config import ModelConfig, TrainConfig
-from anogan_ray.model import build_models, sample_latent
+from anogan_ray.model import Encoder, build_models, init_weights, sample_latent
 
 Modules = dict[str, nn.Module]
 Optimizers = dict[str, torch.optim.Optimizer]
@@ -42,6 +43,7 @@ class Recipe:
     step: Callable[[Modules, Optimizers, torch.Tensor, ModelConfig], torch.Tensor]
     metric_names: tuple[str, ...]  # what ``step``'s returned vector holds, in order
     samples: str | None = None  # module whose G(z) the epoch previews show (None: no previews)
+    frozen: tuple[str, ...] = ()  # modules loaded from an earlier run's export, never trained
 
     def optimizers(self, modules: Modules, train_cfg: TrainConfig) -> Optimizers:
         betas = (train_cfg.beta1, 0.999)
@@ -157,7 +159,56 @@ ACAE = Recipe(
     metric_names=("reconstruction_l1", "latent_d_loss", "latent_g_loss"),
 )
 
-RECIPES = {recipe.name: recipe for recipe in (GAN, ACAE)}
+# ---------------------------------------------------------------------------------------------
+# The encoder (f-AnoGAN's izi_f), with G and D frozen
+# ---------------------------------------------------------------------------------------------
+
+IZIF_KAPPA = 1.0  # κ: weight of the feature residual in the izi_f loss (f-AnoGAN's default)
+
+
+def encoder_step(
+    encoder: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    real: torch.Tensor,
+    generator: nn.Module,
+    discriminator: nn.Module,
+) -> torch.Tensor:
+    """One izi_f update of E: MSE(x, G(E(x))) + κ·MSE(f(x), f(G(E(x)))), G and D frozen (eval).
+
+    Returns:
+        A detached (2,) tensor: the image and the feature mean squared errors.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    reconstruction = generator(encoder(real))  # (B, 1, 64, 64)
+    with torch.no_grad():
+        features_real = discriminator.features(real)  # (B, 8c, 4, 4)
+    loss_image = F.mse_loss(reconstruction, real)
+    loss_features = F.mse_loss(discriminator.features(reconstruction), features_real)
+    (loss_image + IZIF_KAPPA * loss_features).backward()
+    optimizer.step()
+    return torch.stack([loss_image, loss_features]).detach()
+
+
+def _build_encoder(model_cfg: ModelConfig, seed: int) -> Modules:
+    torch.manual_seed(seed)
+    encoder = Encoder(model_cfg)
+    encoder.apply(init_weights)
+    generator, discriminator = build_models(model_cfg, seed=seed)  # weights come from the export
+    return {"encoder": encoder, "generator": generator, "discriminator": discriminator}
+
+
+ENCODER = Recipe(
+    name="encoder",
+    build=_build_encoder,
+    learning_rates=lambda t: {"encoder": t.lr_generator},
+    step=lambda m, o, real, cfg: encoder_step(
+        m["encoder"], o["encoder"], real, m["generator"], m["discriminator"]
+    ),
+    metric_names=("image_mse", "feature_mse"),
+    frozen=("generator", "discriminator"),
+)
+
+RECIPES = {recipe.name: recipe for recipe in (GAN, ACAE, ENCODER)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,17 +252,20 @@ def train_in_process(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     steps: int,
+    frozen: Modules | None = None,
 ) -> tuple[Modules, list[torch.Tensor]]:
     """Train a recipe in this process, no Ray: for tests, benchmarks and quick experiments.
 
     Batches of ``train_cfg.batch_size`` are drawn at random (seeded by ``train_cfg.seed``)
     from ``pixels`` (N, 1, 64, 64) in [-1, 1]. The Ray Train harness is the product's way to
-    train; this runs the same step function on one process.
+    train; this runs the same step function on one process. ``frozen`` gives the recipe's
+    frozen modules (the exported G and D for the encoder).
 
     Returns:
         The trained modules (train mode) and the step metrics, one (k,) tensor per step.
     """
     modules = recipe.build(model_cfg, train_cfg.seed)
+    freeze(recipe, modules, frozen or {})
     optimizers = recipe.optimizers(modules, train_cfg)
     rng = torch.Generator().manual_seed(train_cfg.seed)
     torch.manual_seed(train_cfg.seed)  # z draws inside the step
@@ -220,3 +274,12 @@ def train_in_process(
         real = pixels[torch.randint(0, len(pixels), (train_cfg.batch_size,), generator=rng)]
         history.append(recipe.step(modules, optimizers, real, model_cfg))
     return modules, history
+
+
+def freeze(recipe: Recipe, modules: Modules, frozen: dict[str, nn.Module | dict]) -> None:
+    """Load the recipe's frozen modules (modules or state dicts), in eval mode, without gradients."""
+    for name in recipe.frozen:
+        source = frozen[name]
+        state = source.state_dict() if isinstance(source, nn.Module) else source
+        modules[name].load_state_dict(state)
+        modules[name].eval().requires_grad_(False)

@@ -7,7 +7,7 @@ Layout of the stage folder ``out`` (local path or ``s3://``):
     out/summary.json         counts, timings and AUCs of the last run
     out/_staging/<run>/      files Ray Data is writing now (never read as part of the table)
 
-Exactly once. A row's identity is (patch_id, model_id, lambda, steps, z_lr): a re-run with the same
+Exactly once. A row's identity is (patch_id, model_id, lambda, steps, z_lr, mapping): a re-run with the same
 bundle and settings adds nothing, one with another λ adds a new row per patch. Ray Data's
 ``write_parquet`` writes straight to its final path, so a killed job can leave a half-written file
 there; it therefore writes into ``out/_staging/<run>/``, and only the commit step moves complete
@@ -24,6 +24,7 @@ as the contract's uint8 and rounded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -41,14 +42,14 @@ import torch
 from anogan_ray import storage
 from anogan_ray.config import ScoreConfig
 from anogan_ray.invert import SCORE_COLUMNS, check_fast_math, score_patches
-from anogan_ray.model import load_bundle
+from anogan_ray.model import ENCODER_FILE, load_bundle
 from anogan_ray.patches import PATCH_COLUMNS, PATCH_SIZE, decode_pixels
 from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.preprocess import read_patch_table
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ("patch_id", "model_id", "lambda", "steps", "z_lr")
+KEY_COLUMNS = ("patch_id", "model_id", "lambda", "steps", "z_lr", "mapping")
 META_COLUMNS = tuple(c for c in PATCH_COLUMNS if c != "pixels")
 REJECT_REASON = "reject_reason"  # internal column: "" for a scored row
 THREADS_PER_CPU_ACTOR = 2  # torch threads per scoring actor on CPU (measured best on 2 cores)
@@ -155,7 +156,7 @@ class PatchScorer:
             scores = score_patches(
                 self.bundle, pixels, ids, lambda_=self.cfg.lambda_, steps=self.cfg.steps,
                 z_lr=self.cfg.z_lr, reference_score=self.cfg.reference_score,
-                return_z=self.cfg.save_z, fast_math=self.fast_math,
+                return_z=self.cfg.save_z, fast_math=self.fast_math, mapping=self.cfg.mapping,
             )  # fmt: skip
             for name in SCORE_COLUMNS:
                 columns[name][good] = scores[name]
@@ -168,6 +169,7 @@ class PatchScorer:
         out["lambda"] = np.full(n, self.cfg.lambda_, dtype=np.float64)
         out["steps"] = np.full(n, self.cfg.steps, dtype=np.int32)
         out["z_lr"] = np.full(n, self.cfg.z_lr, dtype=np.float64)
+        out["mapping"] = np.full(n, self.cfg.mapping)
         self.scored += len(ids)
         rate = self.scored / (time.perf_counter() - self.started)
         log.info("actor %d: %d patches scored (%.1f patches/s)", os.getpid(), self.scored, rate)
@@ -185,6 +187,7 @@ def _key_filter(model_id: str, cfg: ScoreConfig) -> pads.Expression:
         & (pads.field("lambda") == cfg.lambda_)
         & (pads.field("steps") == cfg.steps)
         & (pads.field("z_lr") == cfg.z_lr)
+        & (pads.field("mapping") == cfg.mapping)
     )
 
 
@@ -251,9 +254,9 @@ def commit_staged(out: str) -> dict[str, int]:
                 continue
             model_id = rows["model_id"][0].as_py()
             key = (kind, model_id, rows["lambda"][0].as_py(), rows["steps"][0].as_py(),
-                   rows["z_lr"][0].as_py())  # fmt: skip
+                   rows["z_lr"][0].as_py(), rows["mapping"][0].as_py())  # fmt: skip
             if key not in done:
-                cfg = ScoreConfig(lambda_=key[2], steps=key[3], z_lr=key[4])
+                cfg = ScoreConfig(lambda_=key[2], steps=key[3], z_lr=key[4], mapping=key[5])
                 table_url = storage.join(out, "scores" if kind == "scored" else "rejects")
                 existing = _read_table(table_url, ["patch_id"], _key_filter(model_id, cfg))
                 done[key] = set(existing["patch_id"].to_pylist())
@@ -335,7 +338,15 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     if not storage.list_files(patches, ".parquet"):
         raise FileNotFoundError(f"patch table {patches}: no Parquet files found")
     ensure_ray()
-    model_id = storage.read_json(storage.join(model, "bundle.json"))["model_id"]
+    index = storage.read_json(storage.join(model, "bundle.json"))
+    model_id = index["model_id"]
+    if cfg.mapping != "iterative" and ENCODER_FILE not in index.get("sha256", {}):
+        raise ValueError(
+            f"model bundle {model}: score.mapping={cfg.mapping} needs the encoder E, which this "
+            "bundle does not have (train with train.encoder=true, or use score.mapping=iterative)"
+        )
+    if cfg.mapping == "encoder":  # z = E(x) and no steps: one key whatever score.steps says
+        cfg = dataclasses.replace(cfg, steps=0)
     recovered = commit_staged(out)  # files a killed run finished; half-written ones are dropped
     if recovered["scored"] or recovered["rejected"] or recovered["partial_files"]:
         log.info("recovered from an earlier run: %s", recovered)
@@ -392,6 +403,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "lambda": cfg.lambda_,
         "steps": cfg.steps,
         "z_lr": cfg.z_lr,
+        "mapping": cfg.mapping,
         "reference_score": cfg.reference_score,
         "splits": cfg.splits,
         "device": device,

@@ -21,6 +21,7 @@ dies is restarted from it (``train.max_failures``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -46,6 +47,7 @@ from anogan_ray.baselines import AdversarialAutoencoder, PCABaseline
 from anogan_ray.config import Config, ModelConfig, config_from_dict
 from anogan_ray.model import (
     Discriminator,
+    Encoder,
     Generator,
     finalize_batchnorm,
     sample_latent,
@@ -56,9 +58,11 @@ from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.preprocess import read_patch_table
 from anogan_ray.recipes import (
     ACAE,
+    ENCODER,
     GAN,
     RECIPES,
     Recipe,
+    freeze,
     patch_features,
     sliced_wasserstein,
     unwrap,
@@ -76,7 +80,6 @@ _SAMPLE_GRID = 8  # the epoch previews are 8 x 8 patches
 _SHUFFLE_BUFFER = 1024  # rows in each worker's local shuffle buffer (on top of the global shuffle)
 _QUALITY_SAMPLES = 512  # real and generated patches of the generative-quality figure
 _PCA_SAMPLES = 20_000  # training patches the PCA baseline is fitted on (at most)
-ACAE_MODULE = "autoencoder"  # the aCAE recipe's module that joins the bundle
 
 
 class TrainError(ValueError):
@@ -156,13 +159,27 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
     train_cfg = cfg.train
     data = read_training_patches(patches, seed=train_cfg.seed)
     steps_per_epoch, total_steps = plan_steps(data, cfg)
-    recipes = [GAN, ACAE] if train_cfg.baselines else [GAN]
-    results = {}
+    recipes = [GAN]
+    recipes += [ENCODER] if train_cfg.encoder else []
+    recipes += [ACAE] if train_cfg.baselines else []
     for recipe in recipes:
         _check_previous_run(run_url(out, cfg, recipe), cfg.model, data.fingerprint)
+    real_pixels = batchnorm_pixels(data, cfg)
+    results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # recipe -> (state, metrics)
     for recipe in recipes:
-        crash = crash_at_step if recipe is GAN else None
-        result = make_trainer(data, out, cfg, recipe=recipe, crash_at_step=crash).fit()
+        frozen = None
+        if recipe.frozen:  # the encoder maps onto the exported G and D, frozen
+            generator, discriminator = exported_models(results[GAN.name][0], cfg, real_pixels)
+            frozen = {"generator": generator, "discriminator": discriminator}
+        trainer = make_trainer(
+            data,
+            out,
+            cfg,
+            recipe=recipe,
+            crash_at_step=crash_at_step if recipe is GAN else None,
+            frozen=frozen,
+        )
+        result = trainer.fit()
         if result.checkpoint is None:
             raise TrainError(
                 f"training run {run_url(out, cfg, recipe)} finished without a checkpoint"
@@ -186,6 +203,7 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
             "train_patches": data.num_patches,
             "train_config": cfg.to_dict()["train"],
         },
+        encoder_state=results[ENCODER.name][0] if ENCODER.name in results else None,
         acae_state=results[ACAE.name][0] if ACAE.name in results else None,
         pca=pca,
     )
@@ -204,8 +222,9 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
         "final_metrics": {name: metrics.get(name) for name in GAN.metric_names},
         "generative_quality": read_generative_quality(out),
         "replicas_identical": metrics.get("replicas_identical"),
-        "baselines": {
+        "other_models": {  # the encoder and the baselines, trained after the GAN
             name: {
+                "steps": results[name][0]["step"],
                 "train_seconds": m.get("train_seconds"),
                 "final_metrics": {key: m.get(key) for key in RECIPES[name].metric_names},
             }
@@ -222,6 +241,15 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
     storage.write_json(storage.join(out, "summary.json"), summary)
     log.info("trained %s steps; bundle %s at %s", summary["steps"], export["model_id"], out)
     return summary
+
+
+def recipe_config(cfg: Config, recipe: Recipe) -> Config:
+    """The configuration a recipe trains with: the encoder's own epochs when given."""
+    if recipe is ENCODER and cfg.train.encoder_epochs:
+        return dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.encoder_epochs)
+        )
+    return cfg
 
 
 def run_name(cfg: Config, recipe: Recipe = GAN) -> str:
@@ -266,6 +294,7 @@ def make_trainer(
     epoch_end: EpochEnd | None = None,
     callbacks: list | None = None,
     crash_at_step: int | None = None,
+    frozen: dict[str, nn.Module] | None = None,
 ) -> ray.train.torch.TorchTrainer:
     """The ``TorchTrainer`` of a training run: ``anogan-ray train`` and every sweep trial.
 
@@ -280,7 +309,9 @@ def make_trainer(
             its objective here.
         callbacks: Ray Train callbacks (a sweep trial's ``TuneReportCallback``).
         crash_at_step: see :func:`train`.
+        frozen: the recipe's frozen modules (the exported G and D for the encoder).
     """
+    cfg = recipe_config(cfg, recipe)
     train_cfg = cfg.train
     steps_per_epoch, total_steps = plan_steps(data, cfg)
     storage_fs, storage_path = storage.arrow_filesystem(storage.join(out, RUNS_FOLDER))
@@ -297,6 +328,7 @@ def make_trainer(
         "crash_at_step": crash_at_step,
         "epoch_end": epoch_end,
         "reference_pixels": reference,
+        "frozen": {name: module.state_dict() for name, module in (frozen or {}).items()},
     }
     resources = {"CPU": 1, "GPU": 1} if train_cfg.use_gpu else {"CPU": 1}
     return ray.train.torch.TorchTrainer(
@@ -365,16 +397,21 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     modules = recipe.build(model_cfg, train_cfg.seed)
+    freeze(recipe, modules, config["frozen"])
+    trained = [name for name in modules if name not in recipe.frozen]
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
             state = _read_state(checkpoint_dir)
-        for name, module in modules.items():
-            module.load_state_dict(state[name])
-    # Each module is its own DDP module: its gradients are averaged in its own backward passes.
-    # DDP broadcasts rank 0's BatchNorm buffers at each forward.
-    modules = {name: ray.train.torch.prepare_model(module) for name, module in modules.items()}
+        for name in trained:
+            modules[name].load_state_dict(state[name])
+    # Each trained module is its own DDP module: its gradients are averaged in its own backward
+    # passes. DDP broadcasts rank 0's BatchNorm buffers at each forward.
+    for name, module in modules.items():
+        modules[name] = (
+            ray.train.torch.prepare_model(module) if name in trained else module.to(device)
+        )
     optimizers = recipe.optimizers(modules, train_cfg)
     step = 0
     if state is not None:
@@ -407,13 +444,13 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(zip(recipe.metric_names, means))
         sums, sums_steps = torch.zeros_like(sums), 0
         if evaluate and epoch_end is not None and rank == 0:
-            metrics.update(epoch_end({**_cpu_states(modules), "epoch": epoch_done}))
+            metrics.update(epoch_end({**_cpu_states(modules, trained), "epoch": epoch_done}))
         if final:
             elapsed = time.monotonic() - train_started
             patches_seen = (step - start_step) * train_cfg.batch_size * world_size
             metrics["train_seconds"] = round(elapsed, 3)
             metrics["patches_per_s"] = round(patches_seen / elapsed, 2) if patches_seen else None
-            digests = _replica_digests(modules, world_size)
+            digests = _replica_digests([modules[name] for name in trained], world_size)
             metrics["replica_digests"] = digests
             metrics["replicas_identical"] = len(set(digests)) == 1
         if not (with_checkpoint and rank == 0):
@@ -421,7 +458,13 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             _write_checkpoint(
-                checkpoint_dir, recipe, modules, optimizers, step, cfg, config["fingerprint"]
+                checkpoint_dir,
+                recipe,
+                {name: modules[name] for name in trained},
+                optimizers,
+                step,
+                cfg,
+                config["fingerprint"],
             )
             ray.train.report(
                 metrics,
@@ -482,10 +525,10 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:09d}"
 
 
-def _replica_digests(modules: dict[str, nn.Module], world_size: int) -> list:
+def _replica_digests(modules: list[nn.Module], world_size: int) -> list:
     """sha256 of every worker's parameters (identical when DDP kept them in step)."""
     digest = hashlib.sha256()
-    for module in modules.values():
+    for module in modules:
         for tensor in unwrap(module).parameters():
             digest.update(tensor.detach().cpu().numpy().tobytes())
     digests = [digest.hexdigest()[:16]]
@@ -520,10 +563,13 @@ def _write_checkpoint(
         json.dump(meta, f, indent=2, sort_keys=True)
 
 
-def _cpu_states(modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+def _cpu_states(
+    modules: dict[str, nn.Module], names: list[str] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
     return {
         name: {key: value.detach().cpu() for key, value in unwrap(module).state_dict().items()}
         for name, module in modules.items()
+        if names is None or name in names
     }
 
 
@@ -622,15 +668,16 @@ def fit_pca(data: TrainingPatches, cfg: Config) -> PCABaseline:
     return PCABaseline.fit(pixels, cfg.train.pca_components, seed=cfg.train.seed)
 
 
-def exported_acae(
-    state: dict[str, Any], cfg: Config, real_pixels: np.ndarray
-) -> AdversarialAutoencoder:
-    """The aCAE as it is scored: weights from ``state``, BatchNorm statistics over real patches."""
-    autoencoder = AdversarialAutoencoder(cfg.model)
-    autoencoder.load_state_dict(state[ACAE_MODULE])
+def exported_module(
+    kind: type[nn.Module], state: dict[str, Any], cfg: Config, real_pixels: np.ndarray
+) -> nn.Module:
+    """The encoder or aCAE as scored: weights from its run's final ``state``, BatchNorm
+    statistics finalized over real patches (:func:`batchnorm_pixels`), eval mode."""
+    module = kind(cfg.model)
+    module.load_state_dict(state["encoder" if kind is Encoder else "autoencoder"])
     real = torch.from_numpy(decode_pixels(real_pixels)).unsqueeze(1)  # (N, 1, 64, 64)
-    finalize_batchnorm(autoencoder, real.split(cfg.train.batch_size))
-    return autoencoder.eval()
+    finalize_batchnorm(module, real.split(cfg.train.batch_size))
+    return module.eval()
 
 
 def exported_models(
@@ -669,13 +716,14 @@ def export_bundle(
     cfg: Config,
     data: TrainingPatches,
     metadata: dict[str, Any],
+    encoder_state: dict[str, Any] | None = None,
     acae_state: dict[str, Any] | None = None,
     pca: PCABaseline | None = None,
 ) -> dict[str, Any]:
     """Write the model bundle at ``out`` from a training checkpoint's state.
 
-    The models are :func:`exported_models` over :func:`batchnorm_pixels`; the aCAE (from its
-    run's final state) and the PCA baseline join the bundle when given. The result records how
+    The models are :func:`exported_models` over :func:`batchnorm_pixels`; the encoder and the
+    aCAE (from their runs' final states) and the PCA baseline join the bundle when given. The result records how
     far G's eval-mode samples are from its train-mode samples on the same z.
 
     Returns:
@@ -686,7 +734,10 @@ def export_bundle(
     check = batchnorm_check(generator, cfg.model, cfg.train.batch_size, seed=cfg.train.seed + 2)
     baselines = {}
     if acae_state is not None:
-        baselines["acae"] = exported_acae(acae_state, cfg, real_pixels)
+        baselines["acae"] = exported_module(AdversarialAutoencoder, acae_state, cfg, real_pixels)
+    encoder = None
+    if encoder_state is not None:
+        encoder = exported_module(Encoder, encoder_state, cfg, real_pixels)
     if pca is not None:
         baselines["pca"] = pca
     model_id = save_bundle(
@@ -696,6 +747,7 @@ def export_bundle(
         cfg.model,
         {**metadata, "batchnorm_check": check},
         baselines=baselines,
+        encoder=encoder,
     )
     return {"model_id": model_id, "batchnorm_check": check}
 
