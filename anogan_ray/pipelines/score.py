@@ -301,7 +301,11 @@ def _resources(cfg: ScoreConfig) -> tuple[str, int, dict[str, Any]]:
 
 
 def _aucs(out: str, model_id: str, cfg: ScoreConfig) -> dict[str, float | None]:
-    """Patch-level ROC AUC of each score over rows labelled 0 or 1 (None: one class only)."""
+    """Patch-level ROC AUC of each score over rows labelled 0 or 1 (None: one class only).
+
+    Scores the run did not compute (all NaN: GAN_R when off, baselines the bundle lacks) are left
+    out.
+    """
     from sklearn.metrics import roc_auc_score
 
     table = _read_table(
@@ -315,6 +319,8 @@ def _aucs(out: str, model_id: str, cfg: ScoreConfig) -> dict[str, float | None]:
     for name, sign in AUC_COLUMNS.items():
         values = sign * table[name].to_numpy(zero_copy_only=False).astype(float)
         usable = known & np.isfinite(values)
+        if not np.isfinite(values).any():  # a score this run did not compute (GAN_R, baselines)
+            continue
         if len(set(label[usable])) < 2:
             result[name] = None
             continue
