@@ -115,7 +115,7 @@ class ScoreConfig:
     lambda_: float = _unit(0.1)  # weight of the discrimination loss, eqs. (5) and (6)
     steps: int = _at_least(1, 500)  # Γ: optimization steps on z
     z_lr: float = _positive(0.01)  # Adam learning rate of z (the paper does not give one)
-    batch_size: int = _at_least(1, 64)  # patches inverted together (scores do not depend on it)
+    batch_size: int = _at_least(1, 64)  # patches per scoring call (scores do not depend on it)
     num_actors: int = _at_least(0, 0)  # scoring actors (0: one per GPU, or per 2 CPUs)
     reference_score: bool = False  # also run the GAN_R mapping (Yeh et al. discrimination loss)
     save_z: bool = False  # keep the final z in the score table
