@@ -122,7 +122,7 @@ class ScoreConfig:
         "iterative", "encoder", "encoder+iterative", default="iterative"
     )  # z_1 from the patch id's seed (the paper) or E(x) (f-AnoGAN), then Γ steps
     z_lr: float = _positive(0.01)  # Adam learning rate of z (the paper does not give one)
-    batch_size: int = _at_least(1, 64)  # patches inverted together (scores do not depend on it)
+    batch_size: int = _at_least(1, 64)  # patches per scoring call (scores do not depend on it)
     num_actors: int = _at_least(0, 0)  # scoring actors (0: one per GPU, or per 2 CPUs)
     reference_score: bool = False  # also run the GAN_R mapping (Yeh et al. discrimination loss)
     save_z: bool = False  # keep the final z in the score table

@@ -14,8 +14,24 @@ al., the sigmoid cross-entropy of D(G(z)) against "real", both for the mapping a
 A batch of B patches is inverted at once with z of shape (B, nz). The optimized objective is the
 sum of the per-patch losses, so each z row receives exactly its own patch's gradient, and Adam is
 element-wise: every patch follows the trajectory it would follow alone. z starts from a seed
-derived from the patch id, so a patch's scores do not depend on batch size, neighbours, order or
-machine (up to the float differences of batch-size dependent conv kernels, ~1e-5 relative).
+derived from the patch id.
+
+In floating point "the same trajectory" also needs the same kernels. CPU kernels choose their
+algorithm and summation order by the batch shape (a matrix-vector product for one row, a matrix
+product for several; oneDNN convolution variants; vectorized bodies and scalar tails of
+element-wise kernels such as Adam's), and Adam divides each gradient component by its own
+magnitude, so a last-bit difference in a small component can change a whole step. Over 20 steps
+one patch scored alone and in a batch of 32 differed by up to 3e-4 relative. The mapping
+therefore always runs in batches of exactly :func:`mapping_rows` rows (16 on CPU): B patches run
+as ⌈B / rows⌉ fixed-shape batches, the last one padded with copies of its first patch, and p_d
+is computed in the same shape.
+
+The guarantee: with the same torch build, CPU capability and thread count, a patch's scores are
+bit-identical whatever batch it is scored in, at whatever position, next to whichever patches
+(tests/test_invert.py). Between machines, capabilities or thread counts they differ by rounding
+amplified over the Γ steps: on the test model (20 steps) up to 7e-5 relative between
+ATEN_CPU_CAPABILITY=default and avx2 / avx512, and between 2 and 3 threads (avx2 and avx512 agree
+to the bit). Compare scores from different machines with a tolerance, not for equality.
 """
 
 from __future__ import annotations
@@ -108,6 +124,24 @@ def initial_latent(
     return torch.cat(rows).to(device)  # (B, nz)
 
 
+def mapping_rows(device: torch.device) -> int:
+    """The fixed number of rows every batch of the mapping runs with on ``device``.
+
+    16 on CPU: the patch-steps/s of the tiny and demo models are within ~10% from 8 to 64 rows
+    per batch there, and few rows waste little on padding; 256 on GPUs, whose kernels need wide
+    batches. Changing it changes the scores in their last bits.
+    """
+    return 16 if device.type == "cpu" else 256
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` (n <= rows, ...) with copies of its first row appended up to ``rows`` rows."""
+    missing = rows - t.shape[0]
+    if missing == 0:
+        return t
+    return torch.cat([t, t[:1].expand(missing, *t.shape[1:])])
+
+
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -183,52 +217,93 @@ def invert_batch(
         z0 = initial_latent(patch_ids, generator, latent_prior, device)  # (B, nz)
     else:
         z0 = initial_z.detach().to(device=device, dtype=torch.float32)  # (B, nz)
+    rows = mapping_rows(device)
+    parts = []
+    with fast_math_context(device, fast_math):
+        for start in range(0, len(patch_ids), rows):
+            count = min(rows, len(patch_ids) - start)
+            part = _invert_rows(
+                generator,
+                discriminator,
+                _pad_rows(x[start : start + rows], rows),
+                _pad_rows(z0[start : start + rows], rows),
+                lambda_=lambda_,
+                steps=steps,
+                z_lr=z_lr,
+                mode=mode,
+            )
+            parts.append({name: value[:count] for name, value in part.items()})
+    if parts:
+        out = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    else:  # no patches: empty columns of the right shapes
+        out = _invert_rows(
+            generator, discriminator, x, z0, lambda_=lambda_, steps=0, z_lr=z_lr, mode=mode
+        )
+    residual_map = out["residual_map"]  # (B, H, W)
+    width = residual_map.shape[-1]
+
+    def cpu(t: torch.Tensor) -> np.ndarray:
+        return t.detach().float().cpu().numpy()
+
+    return InversionResult(
+        anomaly_score=cpu(out["anomaly"]),
+        residual_score=cpu(out["residual"]),
+        discrimination_score=cpu(out["discrimination"]),
+        residual_max=cpu(out["residual_max"]),
+        residual_max_y=(out["where"] // width).cpu().numpy().astype(np.int32),
+        residual_max_x=(out["where"] % width).cpu().numpy().astype(np.int32),
+        z=cpu(out["z"]) if return_z else None,
+        residual_map=cpu(residual_map) if return_residual_map else None,
+    )
+
+
+def _invert_rows(
+    generator: Generator,
+    discriminator: Discriminator,
+    x: torch.Tensor,
+    z0: torch.Tensor,
+    *,
+    lambda_: float,
+    steps: int,
+    z_lr: float,
+    mode: Mode,
+) -> dict[str, torch.Tensor]:
+    """The mapping of one fixed-shape batch: x (R, 1, H, W), z_1 (R, nz) -> per-row tensors."""
 
     def discrimination(x_hat: torch.Tensor, features_x: torch.Tensor | None) -> torch.Tensor:
         if mode == "feature":
             return discrimination_loss(features_x, discriminator.features(x_hat))
         return reference_discrimination_loss(discriminator(x_hat))
 
-    with fast_math_context(device, fast_math):
-        with torch.no_grad():
-            features_x = discriminator.features(x) if mode == "feature" else None  # (B, 8c, 4, 4)
+    with torch.no_grad():
+        features_x = discriminator.features(x) if mode == "feature" else None  # (R, 8c, 4, 4)
 
-        z = z0.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([z], lr=z_lr)
-        with torch.enable_grad():
-            for _ in range(steps):
-                optimizer.zero_grad(set_to_none=True)
-                x_hat = generator(z)
-                loss = mapping_loss(
-                    residual_loss(x, x_hat), discrimination(x_hat, features_x), lambda_
-                )
-                loss.sum().backward()  # sum of per-patch losses: independent gradients per row
-                optimizer.step()
-
-        # R(x), D(x), A(x) at the final z_Γ (after the last update)
-        with torch.no_grad():
+    z = z0.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=z_lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
             x_hat = generator(z)
-            residual = residual_loss(x, x_hat)
-            disc = discrimination(x_hat, features_x)
-            anomaly = mapping_loss(residual, disc, lambda_)
-            residual_map = (x - x_hat).abs()[:, 0]  # (B, H, W)
-            flat = residual_map.flatten(1)
-            residual_max, where = flat.max(1)
-            width = residual_map.shape[-1]
+            loss = mapping_loss(residual_loss(x, x_hat), discrimination(x_hat, features_x), lambda_)
+            loss.sum().backward()  # sum of per-patch losses: independent gradients per row
+            optimizer.step()
 
-    def cpu(t: torch.Tensor) -> np.ndarray:
-        return t.detach().float().cpu().numpy()
-
-    return InversionResult(
-        anomaly_score=cpu(anomaly),
-        residual_score=cpu(residual),
-        discrimination_score=cpu(disc),
-        residual_max=cpu(residual_max),
-        residual_max_y=(where // width).cpu().numpy().astype(np.int32),
-        residual_max_x=(where % width).cpu().numpy().astype(np.int32),
-        z=cpu(z) if return_z else None,
-        residual_map=cpu(residual_map) if return_residual_map else None,
-    )
+    # R(x), D(x), A(x) at the final z_Γ (after the last update)
+    with torch.no_grad():
+        x_hat = generator(z)
+        residual = residual_loss(x, x_hat)
+        disc = discrimination(x_hat, features_x)
+        residual_map = (x - x_hat).abs()[:, 0]  # (R, H, W)
+        residual_max, where = residual_map.flatten(1).max(1)
+    return {
+        "anomaly": mapping_loss(residual, disc, lambda_),
+        "residual": residual,
+        "discrimination": disc,
+        "residual_map": residual_map,
+        "residual_max": residual_max,
+        "where": where,
+        "z": z.detach(),
+    }
 
 
 def encode(model: ModelBundle | Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -243,8 +318,15 @@ def encode(model: ModelBundle | Any, pixels: torch.Tensor) -> torch.Tensor:
             "this model bundle has no encoder E: train it with train.encoder=true, or score "
             "with score.mapping=iterative"
         )
+    device = _device_of(encoder)
+    x = pixels.to(device=device, dtype=torch.float32)
+    rows = mapping_rows(device)  # fixed-shape batches, as the mapping: bit-identical per patch
     with torch.no_grad():
-        return encoder(pixels.to(device=_device_of(encoder), dtype=torch.float32))
+        parts = [
+            encoder(_pad_rows(x[start : start + rows], rows))[: min(rows, len(x) - start)]
+            for start in range(0, len(x), rows)
+        ]
+    return torch.cat(parts) if parts else encoder(x)
 
 
 def discriminator_probability(
@@ -257,9 +339,14 @@ def discriminator_probability(
     """
     discriminator = model.discriminator if isinstance(model, ModelBundle) else model[1]
     device = _device_of(discriminator)
-    with torch.no_grad():
-        logits = discriminator(pixels.to(device=device, dtype=torch.float32))
-    return torch.sigmoid(logits).float().cpu().numpy()
+    x = pixels.to(device=device, dtype=torch.float32)
+    rows = mapping_rows(device)  # the mapping's fixed batch shape: p_d is batch-independent too
+    with torch.no_grad():  # the sigmoid too: element-wise kernels round by the tensor's length
+        p_d = [
+            torch.sigmoid(discriminator(_pad_rows(x[start : start + rows], rows)))[: len(x) - start]
+            for start in range(0, len(x), rows)
+        ]
+    return (torch.cat(p_d) if p_d else x.new_zeros(0)).float().cpu().numpy()
 
 
 # Score-table columns produced by :func:`score_patches`, in order.

@@ -3,10 +3,11 @@
     python benchmarks/bench_invert.py --preset paper --steps 3 --out bench_invert.json
 
 For each batch size the feature-matching inversion runs ``--steps`` Adam steps (after one warm-up
-call). The FLOPs of that call are counted with ``torch.utils.flop_counter`` (a 1-step and a
-2-step inversion of one patch give the per-step and the once-per-call parts; FLOPs grow
-linearly with the batch) and compared with the same machine's dense fp32 matmul FLOP/s,
-measured in the same run.
+call). The useful FLOPs of that call are counted with ``torch.utils.flop_counter`` (a 1-step and
+a 2-step inversion of one fixed-shape batch of ``mapping_rows`` patches give the per-patch
+per-step and once-per-call parts; the mapping pads a batch to a multiple of ``mapping_rows``, so
+small batches also spend work on padding rows, which is not counted) and compared with the same
+machine's dense fp32 matmul FLOP/s, measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from anogan_ray.config import load_config
-from anogan_ray.invert import invert_batch
+from anogan_ray.invert import invert_batch, mapping_rows
 from anogan_ray.model import build_models
 
 
@@ -35,15 +36,19 @@ def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
-def counted_flops(models, batch_size: int) -> tuple[float, float]:
-    """(FLOPs once per call: f(x) and the final evaluation, FLOPs per Adam step)."""
-    pixels = torch.rand(batch_size, 1, 64, 64) * 2 - 1
-    ids = [f"flops/{i}" for i in range(batch_size)]
+def counted_flops(models) -> tuple[float, float]:
+    """Per patch: (FLOPs once per call: f(x) and the final evaluation, FLOPs per Adam step).
+
+    Counted on one full fixed-shape batch of the mapping (``mapping_rows``), so no padding rows.
+    """
+    rows = mapping_rows(next(models[0].parameters()).device)
+    pixels = torch.rand(rows, 1, 64, 64) * 2 - 1
+    ids = [f"flops/{i}" for i in range(rows)]
     counts = []
     for steps in (1, 2):
         with FlopCounterMode(display=False) as counter:
             invert_batch(models, pixels, ids, steps=steps, z_lr=0.01)
-        counts.append(counter.get_total_flops())
+        counts.append(counter.get_total_flops() / rows)
     per_step = float(counts[1] - counts[0])
     return float(counts[0]) - per_step, per_step
 
@@ -62,7 +67,7 @@ def main() -> None:
     generator, discriminator = build_models(cfg, seed=0)
     models = (generator, discriminator)
     matmul_before = matmul_flops_per_s()
-    once_flops, step_flops = counted_flops(models, 1)  # per patch; FLOPs are linear in batch
+    once_flops, step_flops = counted_flops(models)  # per patch
     rows = []
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         pixels = torch.rand(batch_size, 1, 64, 64) * 2 - 1

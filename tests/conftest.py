@@ -263,20 +263,33 @@ def tiny_bundle(tmp_path_factory, tiny_config) -> str:
 
     Returns the model bundle's folder. A plain torch loop (no Ray) keeps it to seconds.
     """
-    import dataclasses
-
     import torch
+    import torch.nn.functional as F
 
-    from anogan_ray.model import save_bundle
-    from anogan_ray.recipes import GAN, train_in_process
+    from anogan_ray.model import build_models, sample_latent, save_bundle
 
+    torch.manual_seed(0)
     healthy = torch.from_numpy(synthetic_oct_patches(1024, seed=0))[:, None]  # (N, 1, 64, 64)
     cfg = tiny_config.model
-    train_cfg = dataclasses.replace(
-        tiny_config.train, batch_size=32, lr_generator=1e-3, lr_discriminator=1e-3, seed=0
-    )
-    modules, _ = train_in_process(GAN, healthy, cfg, train_cfg, steps=150)
-    generator, discriminator = modules["generator"], modules["discriminator"]
+    generator, discriminator = build_models(cfg, seed=0)
+    opt_g = torch.optim.Adam(generator.parameters(), 1e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), 1e-3, betas=(0.5, 0.999))
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        real = healthy[torch.randint(0, len(healthy), (32,), generator=rng)]
+        fake = generator(sample_latent(32, cfg, generator=rng))
+        # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
+        opt_d.zero_grad()
+        loss_d = (
+            F.softplus(-discriminator(real)).mean()
+            + F.softplus(discriminator(fake.detach())).mean()
+        )
+        loss_d.backward()
+        opt_d.step()
+        # (2) Update G network: maximize log(D(G(z)))
+        opt_g.zero_grad()
+        F.softplus(-discriminator(fake)).mean().backward()
+        opt_g.step()
     url = str(tmp_path_factory.mktemp("tiny_bundle"))
     save_bundle(url, generator.eval(), discriminator.eval(), cfg, {"run": "conftest tiny_bundle"})
     return url

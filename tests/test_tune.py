@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -126,18 +127,59 @@ def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
     assert np.isfinite(scores["anomaly_score"]).all()
 
 
-def test_interrupted_sweep_resumes_without_rerunning_the_finished_trial(phantom_patches, bucket):
+class InterruptAt(ray.tune.Callback):
+    """Stops the sweep as Ctrl+C does (a real SIGINT to this process) at each of ``points``:
+    ``(trials finished, epoch)``, when that many trials have finished and another one reports
+    that epoch. Each point fires once; Tune keeps the callback and its state with the
+    experiment, so the copy a resumed sweep runs knows which points already fired."""
+
+    def __init__(self, *points: tuple[int, int]):
+        self.points = [list(point) for point in points]
+        self.fired: list[list[int]] = []
+        self.finished: list[str] = []  # a resumed sweep does not report the trials it skips
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished.append(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        point = [len(self.finished), result["epoch"]]
+        if point in self.points and point not in self.fired and trial.trial_id not in self.finished:
+            self.fired.append(point)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def get_state(self):
+        return {"fired": self.fired, "finished": self.finished}
+
+    def set_state(self, state):
+        self.fired, self.finished = state["fired"], state["finished"]
+
+
+def test_an_interrupted_sweep_resumes_wherever_it_was_interrupted(phantom_patches, bucket):
     # two DDP workers per trial: the 2 CPUs hold one trial at a time
     cfg = _config("tune.scheduler=fifo", "train.num_workers=2", "train.epochs=2")
     out = f"{bucket}/sweep"
-    # interrupted (as by Ctrl+C) once the first trial finished and the second reported epoch 1
-    with pytest.raises(SweepInterrupted, match="run the same command again"):
-        tune(phantom_patches, out, cfg, interrupt_after_trials=1)
     experiment = storage.join(out, "_tune", cfg.tune.run_name)
-    done = {url: storage.read_bytes(url) for url in storage.list_files(experiment, "result.json")}
-    epochs = {url: json.loads(data.splitlines()[-1])["epoch"] for url, data in done.items() if data}
-    finished = [url for url, epoch in epochs.items() if epoch == 2]
-    assert len(finished) == 1 and sorted(epochs.values()) == [1, 2]  # and one trial part-way
+
+    def last_epochs() -> dict[str, int]:
+        results = {
+            url: storage.read_bytes(url) for url in storage.list_files(experiment, "result.json")
+        }
+        return {
+            url: json.loads(data.splitlines()[-1])["epoch"] for url, data in results.items() if data
+        }
+
+    # Ctrl+C while the first trial is part-way (no trial finished), then, resumed, once the
+    # first trial finished and the second one is part-way
+    interrupt = InterruptAt((0, 1), (1, 1))
+    with pytest.raises(SweepInterrupted, match="0 of 2 trials finished; run the same command"):
+        tune(phantom_patches, out, cfg, callbacks=[interrupt])
+    assert list(last_epochs().values()) == [1]
+    with pytest.raises(SweepInterrupted, match="1 of 2 trials finished; run the same command"):
+        tune(phantom_patches, out, cfg)  # the resume runs the experiment's own callback
+    epochs = last_epochs()
+    assert sorted(epochs.values()) == [1, 2]
+    finished = next(url for url, epoch in epochs.items() if epoch == 2)
+    finished_results = storage.read_bytes(finished)
 
     summary = tune(phantom_patches, out, cfg)
     assert summary["resumed"] and summary["trials"] == 2
@@ -145,8 +187,8 @@ def test_interrupted_sweep_resumes_without_rerunning_the_finished_trial(phantom_
     trials = pd.read_parquet(storage.open_file(summary["trials_table"]))
     assert (trials["status"] == "terminated").all() and trials["objective"].notna().all()
     # the finished trial was not run again: its results are byte for byte what they were
-    assert storage.read_bytes(finished[0]) == done[finished[0]]
-    # the part-way trial's Train run went on from its epoch-1 checkpoint, not from the start
+    assert storage.read_bytes(finished) == finished_results
+    # each part-way trial's Train run went on from its epoch-1 checkpoint, not from the start
     history = pd.read_parquet(storage.open_file(summary["history_table"]))
     assert history.groupby("trial_id")["epoch"].apply(list).tolist() == [[1, 2], [1, 2]]
     assert load_bundle(summary["best_model"]).model_id == summary["model_id"]

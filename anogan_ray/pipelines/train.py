@@ -482,7 +482,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_format="numpy",
             drop_last=True,
             local_shuffle_buffer_size=_SHUFFLE_BUFFER,
-            local_shuffle_seed=(train_cfg.seed * 7919 + epoch) * 131 + rank,
+            # a seeded order per run seed, epoch and rank: the same on a resume and a rerun
+            local_shuffle_seed=(train_cfg.seed * 1_000_003 + epoch * 1009 + rank) % 2**32,
         )
         for batch_index, batch in enumerate(batches):
             if batch_index >= steps_per_epoch or step >= total_steps:

@@ -38,10 +38,7 @@ import io
 import logging
 import math
 import os
-import signal
-import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +49,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from ray import tune as ray_tune
+from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
@@ -420,7 +418,7 @@ def run_trial(
 
     The run is kept in the trial's folder (:func:`trial_folder`, named by the trial id), so a
     restored sweep's trial resumes its run from the last checkpoint. Every trial starts from the
-    same initial weights (``train.seed``); the batch order is Ray Data's shuffle, not seeded.
+    same initial weights, and each worker shuffles its batches with a seed (``train.seed``).
     """
     cfg = trial_settings(base_config, trial_config)
     trial_id = ray_tune.get_context().get_trial_id()
@@ -439,34 +437,20 @@ def run_trial(
 # ---------------------------------------------------------------------------------------------
 
 _DRIVER_MEMORY = 256 * 2**20  # bytes reserved for each trial's driver
-_ARMED_INTERRUPTS: set[str] = set()  # interrupt callbacks that may fire in this process
 
 
-class _InterruptAfterTrials(ray_tune.Callback):
-    """Fault injection for tests: stop the sweep like Ctrl+C once ``count`` trials finished and
-    another trial is part-way: it has reported an epoch and is still training.
+def finished_trials(experiment_path: str, storage_fs: Any) -> int:
+    """How many trials of a Tune experiment finished (ran to their end, were stopped by the
+    scheduler, or failed for good), by the experiment state Tune saved last.
 
-    Tune pickles its callbacks with the experiment; a restored copy stays silent because its
-    token is armed only during the call of :func:`tune` that created it.
+    Tune saves that state one last time when it stops, before it stops the trials still
+    running, so it is the state a resume starts from: trials it records as running are resumed,
+    finished ones are not. Tune's in-memory results cannot tell the two apart after an
+    interruption (every stopped trial is "terminated"), and the ``done`` flag of a finished
+    trial's last result is set in memory only: it may be missing from a restored experiment.
     """
-
-    def __init__(self, count: int):
-        self.count = count
-        self.finished: set[str] = set()
-        self.token = uuid.uuid4().hex
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.finished.add(trial.trial_id)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
-        if (
-            len(self.finished) >= self.count
-            and trial.trial_id not in self.finished
-            and not result.get("done")
-            and self.token in _ARMED_INTERRUPTS
-        ):
-            _ARMED_INTERRUPTS.discard(self.token)  # once
-            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own "stop and save" signal
+    analysis = ray_tune.ExperimentAnalysis(experiment_path, storage_filesystem=storage_fs)
+    return sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in analysis.trials)
 
 
 def _sweep_record(patches: str, cfg: Config) -> dict[str, Any]:
@@ -532,7 +516,9 @@ def leaderboard(out: str, top: int = 10) -> str:
         return format_leaderboard(pd.read_parquet(f), top=top)
 
 
-def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | None = None) -> dict:
+def tune(
+    patches: str, out: str, cfg: Config, *, callbacks: list[ray_tune.Callback] | None = None
+) -> dict:
     """Sweep the learning rates (and z's rate, Γ) with Ray Tune, λ within each trial.
 
     Args:
@@ -541,9 +527,9 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
         cfg: the whole configuration: ``cfg.tune`` the search space and scheduler, ``cfg.model``
             and ``cfg.train`` how each trial trains (``train.epochs`` at most), ``cfg.score``
             the inversion settings that ``tune.z_lr`` / ``tune.steps`` leave fixed.
-        interrupt_after_trials: fault injection for tests: stop the sweep as Ctrl+C does once
-            this many trials finished and another one has reported an epoch and goes on
-            (raises :class:`SweepInterrupted`).
+        callbacks: Ray Tune callbacks for the sweep (loggers, progress hooks). Tune keeps them
+            with the experiment: a resumed sweep runs the callbacks of the call that started it,
+            with the state they saved (``Callback.get_state``), not the ones passed again.
 
     Returns:
         The summary, also written to ``out/summary.json``.
@@ -556,11 +542,6 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
     started = time.monotonic()
     check_search_space(cfg.tune)
     patches, out = storage.absolute(patches), storage.absolute(out)  # trials run elsewhere
-    if (
-        interrupt_after_trials is not None
-        and threading.current_thread() is not threading.main_thread()
-    ):
-        raise ValueError("interrupt_after_trials needs tune() in the main thread (signals)")
     ensure_ray()
     evaluation = load_evaluation_set(patches, cfg)
     if evaluation.objective == "synthetic":
@@ -600,63 +581,52 @@ def tune(patches: str, out: str, cfg: Config, *, interrupt_after_trials: int | N
     )
     concurrent = max_concurrent_trials(cfg)
     resumed = ray_tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
-    callback = _InterruptAfterTrials(interrupt_after_trials) if interrupt_after_trials else None
-    if callback:
-        _ARMED_INTERRUPTS.add(callback.token)
-    try:
-        if resumed:
-            log.info("resuming sweep %s", experiment_url)
-            tuner = ray_tune.Tuner.restore(
-                experiment_path,
-                trainable,
-                resume_unfinished=True,
-                resume_errored=True,
+    if resumed:
+        log.info("resuming sweep %s", experiment_url)
+        tuner = ray_tune.Tuner.restore(
+            experiment_path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage_fs,
+        )
+    else:
+        scheduler = None
+        if cfg.tune.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="epoch",  # reported by the training loop; survives restarts
+                max_t=cfg.train.epochs,
+                grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                reduction_factor=cfg.tune.reduction_factor,
+            )
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=ray_tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                scheduler=scheduler,
+                num_samples=cfg.tune.num_samples,
+                trial_dirname_creator=_trial_dirname,
+                # max_concurrent_trials, set where Tune sets it for its default
+                # searcher (passing both only warns); seeded: the same sampled rates
+                search_alg=BasicVariantGenerator(
+                    random_state=cfg.tune.seed, max_concurrent=concurrent
+                ),
+            ),
+            run_config=ray_tune.RunConfig(
+                name=cfg.tune.run_name,
+                storage_path=tune_path,
                 storage_filesystem=storage_fs,
-            )
-        else:
-            scheduler = None
-            if cfg.tune.scheduler == "asha":
-                scheduler = ASHAScheduler(
-                    time_attr="epoch",  # reported by the training loop; survives restarts
-                    max_t=cfg.train.epochs,
-                    grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-                    reduction_factor=cfg.tune.reduction_factor,
-                )
-            tuner = ray_tune.Tuner(
-                trainable,
-                param_space=search_space(cfg),
-                tune_config=ray_tune.TuneConfig(
-                    metric=METRIC,
-                    mode="max",
-                    scheduler=scheduler,
-                    num_samples=cfg.tune.num_samples,
-                    trial_dirname_creator=_trial_dirname,
-                    # max_concurrent_trials, set where Tune sets it for its default
-                    # searcher (passing both only warns); seeded: the same sampled rates
-                    search_alg=BasicVariantGenerator(
-                        random_state=cfg.tune.seed, max_concurrent=concurrent
-                    ),
-                ),
-                run_config=ray_tune.RunConfig(
-                    name=cfg.tune.run_name,
-                    storage_path=tune_path,
-                    storage_filesystem=storage_fs,
-                    checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=1),
-                    failure_config=ray_tune.FailureConfig(max_failures=cfg.train.max_failures),
-                    callbacks=[callback] if callback else None,
-                    verbose=0,
-                ),
-            )
-        grid = tuner.fit()
-    finally:
-        if callback:
-            _ARMED_INTERRUPTS.discard(callback.token)
+                checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=1),
+                failure_config=ray_tune.FailureConfig(max_failures=cfg.train.max_failures),
+                callbacks=callbacks,
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
 
-    # a trial that ran to its end or was stopped by ASHA has a final result marked done; Tune
-    # also calls the trials it stopped for an interruption "terminated", but not done
-    finished = sum(
-        result.error is not None or bool((result.metrics or {}).get("done")) for result in grid
-    )
+    finished = finished_trials(experiment_path, storage_fs)
     if finished < cfg.tune.num_samples:
         raise SweepInterrupted(
             f"sweep {experiment_url} stopped with {finished} of {cfg.tune.num_samples} trials "
