@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         _train,
         "Train the DCGAN on the healthy `train` patches with Ray Train (DDP), checkpointing and "
-        "resuming by run name, and export a model bundle.",
+        "resuming by run name; then the encoder E (train.encoder) and the aCAE and PCA "
+        "baselines (train.baselines); export one model bundle.",
     )
     p.add_argument("--patches", required=True, help="patch table written by `preprocess`")
     p.add_argument("--out", required=True, help="model bundle folder")
@@ -202,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "score",
         _score,
-        "Score patches by batched latent inversion on a Ray Data actor pool and write the "
-        "score table; re-running scores only what is missing.",
+        "Score patches by batched latent inversion on a Ray Data actor pool (z from the patch "
+        "id's seed or from the encoder: score.mapping) and write the score table, baselines "
+        "included; re-running scores only what is missing.",
     )
     p.add_argument("--patches", required=True, help="patch table written by `preprocess`")
     p.add_argument("--model", required=True, help="model bundle written by `train`")
