@@ -246,36 +246,6 @@ def sliced_wasserstein(
     return float(np.abs(a - b).mean())
 
 
-def train_in_process(
-    recipe: Recipe,
-    pixels: torch.Tensor,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    steps: int,
-    frozen: Modules | None = None,
-) -> tuple[Modules, list[torch.Tensor]]:
-    """Train a recipe in this process, no Ray: for tests, benchmarks and quick experiments.
-
-    Batches of ``train_cfg.batch_size`` are drawn at random (seeded by ``train_cfg.seed``)
-    from ``pixels`` (N, 1, 64, 64) in [-1, 1]. The Ray Train harness is the product's way to
-    train; this runs the same step function on one process. ``frozen`` gives the recipe's
-    frozen modules (the exported G and D for the encoder).
-
-    Returns:
-        The trained modules (train mode) and the step metrics, one (k,) tensor per step.
-    """
-    modules = recipe.build(model_cfg, train_cfg.seed)
-    freeze(recipe, modules, frozen or {})
-    optimizers = recipe.optimizers(modules, train_cfg)
-    rng = torch.Generator().manual_seed(train_cfg.seed)
-    torch.manual_seed(train_cfg.seed)  # z draws inside the step
-    history = []
-    for _ in range(steps):
-        real = pixels[torch.randint(0, len(pixels), (train_cfg.batch_size,), generator=rng)]
-        history.append(recipe.step(modules, optimizers, real, model_cfg))
-    return modules, history
-
-
 def freeze(recipe: Recipe, modules: Modules, frozen: dict[str, nn.Module | dict]) -> None:
     """Load the recipe's frozen modules (modules or state dicts), in eval mode, without gradients."""
     for name in recipe.frozen:

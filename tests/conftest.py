@@ -295,6 +295,47 @@ def tiny_bundle(tmp_path_factory, tiny_config) -> str:
     return url
 
 
+def _train_in_process(
+    recipe,
+    pixels,
+    model_cfg,
+    train_cfg,
+    steps: int,
+    frozen=None,
+):
+    """Train a recipe in this process, no Ray (the tests' quick models).
+
+    Batches of ``train_cfg.batch_size`` are drawn at random (seeded by ``train_cfg.seed``)
+    from ``pixels`` (N, 1, 64, 64) in [-1, 1]. The Ray Train harness is the product's way to
+    train; this runs the recipe's own step function on one process. ``frozen`` gives the recipe's
+    frozen modules (the exported G and D for the encoder).
+
+    Returns:
+        The trained modules (train mode) and the step metrics, one (k,) tensor per step.
+    """
+    import torch
+
+    from anogan_ray.recipes import freeze
+
+    modules = recipe.build(model_cfg, train_cfg.seed)
+    freeze(recipe, modules, frozen or {})
+    optimizers = recipe.optimizers(modules, train_cfg)
+    rng = torch.Generator().manual_seed(train_cfg.seed)
+    torch.manual_seed(train_cfg.seed)  # z draws inside the step
+    history = []
+    for _ in range(steps):
+        real = pixels[torch.randint(0, len(pixels), (train_cfg.batch_size,), generator=rng)]
+        history.append(recipe.step(modules, optimizers, real, model_cfg))
+    return modules, history
+
+
+@pytest.fixture(scope="session")
+def train_recipe():
+    """``(recipe, pixels, model_cfg, train_cfg, steps, frozen=None) -> (modules, step metrics)``:
+    a recipe trained in-process (see :func:`_train_in_process`)."""
+    return _train_in_process
+
+
 # --- cluster tests (issue 8): a module that needs a Ray of its own (a multi-node Cluster) ---
 
 

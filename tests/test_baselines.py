@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from anogan_ray.baselines import PCABaseline, acae_score
 from anogan_ray.invert import score_patches
 from anogan_ray.model import BundleError, build_models, load_bundle, save_bundle
-from anogan_ray.recipes import ACAE, train_in_process
+from anogan_ray.recipes import ACAE
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,10 @@ def healthy_and_anomalous(synthetic_patches):
 
 
 @pytest.fixture(scope="module")
-def trained_acae(tiny_config, synthetic_patches):
+def trained_acae(tiny_config, synthetic_patches, train_recipe):
     train = torch.from_numpy(synthetic_patches(512, seed=10))[:, None]
     train_cfg = dataclasses.replace(tiny_config.train, batch_size=32, lr_generator=1e-3, seed=0)
-    modules, history = train_in_process(ACAE, train, tiny_config.model, train_cfg, steps=200)
+    modules, history = train_recipe(ACAE, train, tiny_config.model, train_cfg, steps=200)
     return modules["autoencoder"].eval(), torch.stack(history)
 
 

@@ -10,19 +10,19 @@ import torch
 
 from anogan_ray.invert import MAPPINGS, score_patches
 from anogan_ray.model import BundleError, load_bundle, save_bundle
-from anogan_ray.recipes import ENCODER, train_in_process
+from anogan_ray.recipes import ENCODER
 
 STEPS = 5  # Γ of the tests: the mappings' equalities hold for any Γ
 
 
 @pytest.fixture(scope="module")
-def encoder_bundles(tmp_path_factory, tiny_bundle, tiny_config, synthetic_patches):
+def encoder_bundles(tmp_path_factory, tiny_bundle, tiny_config, synthetic_patches, train_recipe):
     """The tiny GAN bundle, and the same G and D with an encoder trained on healthy patches."""
     plain = load_bundle(tiny_bundle)
     train = torch.from_numpy(synthetic_patches(512, seed=20))[:, None]
     train_cfg = dataclasses.replace(tiny_config.train, batch_size=32, lr_generator=1e-3, seed=0)
     frozen = {"generator": plain.generator, "discriminator": plain.discriminator}
-    modules, history = train_in_process(
+    modules, history = train_recipe(
         ENCODER, train, tiny_config.model, train_cfg, steps=80, frozen=frozen
     )
     encoder = modules["encoder"].eval()
