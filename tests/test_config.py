@@ -21,6 +21,30 @@ def test_paper_preset_is_the_papers_architecture_and_settings():
     assert cfg.score.steps == 500
     assert cfg.score.lambda_ == pytest.approx(0.1)
 
+    # the models it builds: G 512-256-128-64, D 64-128-256-512, 5 x 5 filters, 64 x 64 gray
+    import torch
+    import torch.nn as nn
+
+    from anogan_ray.model import build_models
+
+    generator, discriminator = build_models(cfg.model)
+    up = [m for m in generator.modules() if isinstance(m, nn.ConvTranspose2d)]
+    down = [m for m in discriminator.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.in_channels for m in up] == [512, 256, 128, 64]
+    assert [m.out_channels for m in down] == [64, 128, 256, 512]
+    assert {m.kernel_size for m in up + down} == {(5, 5)}
+    with torch.no_grad():
+        fake = generator(torch.zeros(2, cfg.model.latent_dim))
+        assert fake.shape == (2, 1, 64, 64)
+        assert discriminator(fake).shape == (2,)
+    # parameters from the paper's layer sizes: z (100) -> 512 x 4 x 4, four 5 x 5 (transposed)
+    # convolutions, BatchNorm scale and shift, D's last linear layer; biases only where no BN
+    convs = 512 * 256 + 256 * 128 + 128 * 64  # G's three inner transposed convolutions
+    g_params = 100 * 512 * 16 + 25 * (convs + 64 * 1) + 1 + 2 * (512 + 256 + 128 + 64)
+    d_params = 25 * (1 * 64 + convs) + 64 + 2 * (128 + 256 + 512) + 512 * 16 + 1
+    assert sum(p.numel() for p in generator.parameters()) == g_params
+    assert sum(p.numel() for p in discriminator.parameters()) == d_params
+
 
 def test_overrides_are_parsed_and_applied():
     cfg = load_config("tiny", ["score.steps=7", "score.lambda_=0.25", "score.splits=[test]"])
