@@ -306,6 +306,21 @@ def _invert_rows(
     }
 
 
+def in_fixed_rows(function: Any, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``function`` over ``pixels`` (B, ...) run in batches of exactly :func:`mapping_rows` rows.
+
+    Every per-patch output outside the mapping (E(x), p_d, the baselines' scores) goes through
+    here, so it is bit-identical whatever batch the patch came in, like the mapping's scores.
+    """
+    x = pixels.to(device=device, dtype=torch.float32)
+    rows = mapping_rows(device)
+    parts = [
+        function(_pad_rows(x[start : start + rows], rows))[: min(rows, len(x) - start)]
+        for start in range(0, len(x), rows)
+    ]
+    return torch.cat(parts) if parts else function(x)
+
+
 def encode(model: ModelBundle | Any, pixels: torch.Tensor) -> torch.Tensor:
     """z = E(x) with the bundle's trained encoder; (B, 1, 64, 64) -> (B, nz).
 
@@ -318,15 +333,8 @@ def encode(model: ModelBundle | Any, pixels: torch.Tensor) -> torch.Tensor:
             "this model bundle has no encoder E: train it with train.encoder=true, or score "
             "with score.mapping=iterative"
         )
-    device = _device_of(encoder)
-    x = pixels.to(device=device, dtype=torch.float32)
-    rows = mapping_rows(device)  # fixed-shape batches, as the mapping: bit-identical per patch
     with torch.no_grad():
-        parts = [
-            encoder(_pad_rows(x[start : start + rows], rows))[: min(rows, len(x) - start)]
-            for start in range(0, len(x), rows)
-        ]
-    return torch.cat(parts) if parts else encoder(x)
+        return in_fixed_rows(encoder, pixels, _device_of(encoder))
 
 
 def discriminator_probability(
@@ -338,15 +346,11 @@ def discriminator_probability(
     score table keeps p_d itself and evaluation uses ``-p_d``.
     """
     discriminator = model.discriminator if isinstance(model, ModelBundle) else model[1]
-    device = _device_of(discriminator)
-    x = pixels.to(device=device, dtype=torch.float32)
-    rows = mapping_rows(device)  # the mapping's fixed batch shape: p_d is batch-independent too
     with torch.no_grad():  # the sigmoid too: element-wise kernels round by the tensor's length
-        p_d = [
-            torch.sigmoid(discriminator(_pad_rows(x[start : start + rows], rows)))[: len(x) - start]
-            for start in range(0, len(x), rows)
-        ]
-    return (torch.cat(p_d) if p_d else x.new_zeros(0)).float().cpu().numpy()
+        p_d = in_fixed_rows(
+            lambda x: torch.sigmoid(discriminator(x)), pixels, _device_of(discriminator)
+        )
+    return p_d.float().cpu().numpy()
 
 
 # Score-table columns produced by :func:`score_patches`, in order.
@@ -409,9 +413,19 @@ def score_patches(
     columns["acae_score"] = columns["pca_score"] = nan
     baselines = model.baselines if isinstance(model, ModelBundle) else {}
     if "acae" in baselines:
-        columns["acae_score"] = acae_score(baselines["acae"], pixels)
+        acae = baselines["acae"]
+        columns["acae_score"] = in_fixed_rows(
+            lambda x: torch.from_numpy(acae_score(acae, x)), pixels, _device_of(acae)
+        ).numpy()
     if "pca" in baselines:
-        columns["pca_score"] = baselines["pca"].score(pixels.cpu().numpy()).astype(np.float32)
+        pca = baselines["pca"]
+        columns["pca_score"] = (
+            in_fixed_rows(
+                lambda x: torch.from_numpy(pca.score(x.numpy())), pixels, torch.device("cpu")
+            )
+            .numpy()
+            .astype(np.float32)
+        )
     out = {name: columns[name] for name in SCORE_COLUMNS}
     if return_z:
         out["z"] = z

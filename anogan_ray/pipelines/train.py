@@ -206,6 +206,7 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
         encoder_state=results[ENCODER.name][0] if ENCODER.name in results else None,
         acae_state=results[ACAE.name][0] if ACAE.name in results else None,
         pca=pca,
+        real_pixels=real_pixels,
     )
     summary = {
         "stage": "train",
@@ -720,6 +721,7 @@ def export_bundle(
     encoder_state: dict[str, Any] | None = None,
     acae_state: dict[str, Any] | None = None,
     pca: PCABaseline | None = None,
+    real_pixels: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write the model bundle at ``out`` from a training checkpoint's state.
 
@@ -730,7 +732,8 @@ def export_bundle(
     Returns:
         ``{"model_id": ..., "batchnorm_check": {...}}``.
     """
-    real_pixels = batchnorm_pixels(data, cfg)
+    if real_pixels is None:  # D's BatchNorm patches, unless the caller has them already
+        real_pixels = batchnorm_pixels(data, cfg)
     generator, discriminator = exported_models(state, cfg, real_pixels)
     check = batchnorm_check(generator, cfg.model, cfg.train.batch_size, seed=cfg.train.seed + 2)
     baselines = {}
