@@ -44,7 +44,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _phantom(args: argparse.Namespace) -> dict[str, Any]:
-    from anogan_ray.phantom import write_cohort
+    from anogan_ray.data.phantom import write_cohort
 
     return write_cohort(_config(args).phantom, args.out)
 
@@ -76,10 +76,12 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _query(args: argparse.Namespace) -> None:
-    from anogan_ray import query
+    from anogan_ray.analysis import query
 
-    filters = dict(split=args.split, model_id=args.model_id)
-    if args.sql:
+    filters = dict(split=args.split, key=_key(args))
+    if args.keys:
+        table = query.keys(args.scores)
+    elif args.sql:
         table = query.sql(args.scores, args.sql)
     elif args.aggregate:
         table = query.aggregate(
@@ -98,14 +100,18 @@ def _query(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from anogan_ray import metrics
+    from anogan_ray.core import metrics
 
     threshold: float | str | None = args.threshold
     if args.calibrate:  # calibrate on val, store with the model, evaluate at that threshold
         if not args.model:
             raise ValueError("--calibrate stores the threshold with the model: give --model")
         metrics.calibrate(
-            args.scores, out=args.model, method=args.calibrate, percentile=args.percentile
+            args.scores,
+            out=args.model,
+            method=args.calibrate,
+            percentile=args.percentile,
+            key=_key(args),
         )
         threshold = threshold if threshold is not None else args.model
     result = metrics.evaluate(
@@ -115,6 +121,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
         split=args.split,
         aggregate=args.aggregate,
         percentile=args.percentile,
+        key=_key(args),
     )
     print(metrics.format_paper_table(result), file=sys.stderr)
     if args.json:
@@ -122,6 +129,30 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         storage.write_json(args.json, result)
     return {k: v for k, v in result.items() if k != "roc"}
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    """Options that pick one scoring key of a score table holding several."""
+    g = p.add_argument_group(
+        "scoring key",
+        "a score table can hold rows of several models and settings; these pick one (needed "
+        "only when the table holds several; `query --keys` lists them)",
+    )
+    g.add_argument("--key", help="a key as `query --keys` and score's summary print it")
+    g.add_argument("--model-id", help="rows of this model_id")
+    g.add_argument("--lambda", dest="lambda_", type=float, help="rows scored with this λ")
+    g.add_argument("--steps", type=int, help="rows scored with this many mapping steps Γ")
+    g.add_argument("--z-lr", type=float, help="rows scored with this z learning rate")
+    g.add_argument("--mapping", help="rows of this mapping (iterative, encoder, ...)")
+
+
+def _key(args: argparse.Namespace) -> dict[str, Any]:
+    from anogan_ray.tables import parse_key
+
+    key = parse_key(args.key or "")
+    given = dict(model_id=args.model_id, steps=args.steps, z_lr=args.z_lr, mapping=args.mapping)
+    given["lambda"] = args.lambda_
+    return key | {field: value for field, value in given.items() if value is not None}
 
 
 def _threshold(value: str) -> float | str:
@@ -132,7 +163,7 @@ def _threshold(value: str) -> float | str:
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:
-    from anogan_ray.report import report
+    from anogan_ray.analysis.report import report
 
     return report(
         args.scores,
@@ -143,6 +174,7 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
         split=args.split,
         top_k=args.top_k,
         clusters=args.clusters,
+        key=_key(args),
     )
 
 
@@ -236,16 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--top-k", type=int, default=20, help="most anomalous patches (default 20)")
     mode.add_argument("--aggregate", choices=["volume", "subject"], help="aggregate per level")
     mode.add_argument(
-        "--sql", help="SQL over the view `scores`, e.g. 'SELECT count(*) FROM scores'"
+        "--sql",
+        help="SQL over the view `scores` (every row, all keys), e.g. 'SELECT count(*) FROM scores'",
     )
+    mode.add_argument("--keys", action="store_true", help="list the scoring keys in the table")
     p.add_argument("--score", default="anomaly_score", help="score column (default: %(default)s)")
     p.add_argument("--subject", help="only this subject_id")
     p.add_argument("--volume", help="only this volume_id")
     p.add_argument("--split", help="only this split")
-    p.add_argument("--model-id", help="only rows of this model_id")
     p.add_argument("--threshold", type=float, help="with --aggregate: count patches above it")
     p.add_argument("--out", help="write to this file (.csv, .parquet, .json) instead of printing")
     p.add_argument("--format", choices=["table", "csv", "parquet", "json"], help="output format")
+    _add_key_options(p)
 
     p = command(
         "evaluate",
@@ -270,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", choices=["max", "mean"], default="max", help="patch -> volume")
     p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     p.add_argument("--json", help="also write the full result (with ROC points) here")
+    _add_key_options(p)
 
     p = command(
         "report",
@@ -286,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to report on (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=8, help="patches in the top-k figure")
     p.add_argument("--clusters", type=int, default=4, help="marker clusters (k-means)")
+    _add_key_options(p)
 
     p = command(
         "demo",

@@ -26,13 +26,13 @@ DEMO_PERCENTILE = 90.0  # healthy val percentile of the demo's threshold (see ru
 
 def run_demo(out: str, cfg: Config) -> dict[str, Any]:
     """Run phantom -> preprocess -> train -> score -> evaluate -> report into ``out``."""
-    from anogan_ray import metrics
-    from anogan_ray.phantom import write_cohort
+    from anogan_ray.analysis.report import report
+    from anogan_ray.core import metrics
+    from anogan_ray.data.phantom import write_cohort
     from anogan_ray.pipelines import ensure_ray
     from anogan_ray.pipelines.preprocess import preprocess
     from anogan_ray.pipelines.score import score
     from anogan_ray.pipelines.train import train
-    from anogan_ray.report import report
 
     started = time.perf_counter()
     ensure_ray()

@@ -22,9 +22,9 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
 
 from anogan_ray import storage
-from anogan_ray.invert import score_patches
-from anogan_ray.model import load_bundle
-from anogan_ray.patches import decode_pixels
+from anogan_ray.core.invert import score_patches
+from anogan_ray.core.model import load_bundle
+from anogan_ray.tables import decode_pixels
 
 
 def labelled_patches(patches: str, max_patches: int, seed: int = 0):

@@ -1,6 +1,6 @@
 """Benchmark: B-scans per second per core through the whole per-volume preprocessing step.
 
-Runs :func:`anogan_ray.retina.preprocess_volume` (read, normalize, resample, segment, flatten,
+Runs :func:`anogan_ray.data.retina.preprocess_volume` (read, normalize, resample, segment, flatten,
 patch) in this one process on phantom volumes of the ``demo`` size (496 x 512, 11.5 µm), half in
 training mode (random patches) and half in scoring mode (the grid), and prints JSON: throughput
 per core (by wall clock and by this process's CPU time, which is robust to a busy machine), the
@@ -21,8 +21,9 @@ import time
 
 import numpy as np
 
-from anogan_ray import phantom, retina, storage
+from anogan_ray import storage
 from anogan_ray.config import load_config
+from anogan_ray.data import phantom, retina
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 import torch
 
 from anogan_ray.config import ScoreConfig, load_config
-from anogan_ray.invert import score_patches
-from anogan_ray.model import build_models, save_bundle
-from anogan_ray.patches import decode_pixels, patch_id
+from anogan_ray.core.invert import score_patches
+from anogan_ray.core.model import build_models, save_bundle
+from anogan_ray.tables import decode_pixels, patch_id
 
 
 def write_table(folder: str, n: int, rows_per_file: int = 50_000) -> None:

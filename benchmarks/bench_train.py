@@ -22,8 +22,8 @@ import numpy as np
 import ray
 
 from anogan_ray.config import load_config
-from anogan_ray.patches import encode_pixels, patch_id
 from anogan_ray.pipelines.train import train
+from anogan_ray.tables import encode_pixels, patch_id
 
 
 def write_band_patches(url: str, count: int, seed: int = 0) -> None:

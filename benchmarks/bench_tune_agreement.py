@@ -26,7 +26,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from anogan_ray.config import load_config
-from anogan_ray.phantom import write_cohort
+from anogan_ray.data.phantom import write_cohort
 from anogan_ray.pipelines.preprocess import preprocess
 from anogan_ray.pipelines.tune import tune
 

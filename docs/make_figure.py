@@ -1,8 +1,8 @@
 """Render docs/phantom.png: a healthy and a pathological phantom B-scan with their mask overlays.
 
 Run from the repository root: ``python docs/make_figure.py [OUT.png]``. Uses the project's own
-generator (:func:`anogan_ray.phantom.generate_volume`) and overlay
-(:func:`anogan_ray.phantom.render_bscan_overlay`) with the demo preset's sizes.
+generator (:func:`anogan_ray.data.phantom.generate_volume`) and overlay
+(:func:`anogan_ray.data.phantom.render_bscan_overlay`) with the demo preset's sizes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from anogan_ray.config import load_config  # noqa: E402
-from anogan_ray.phantom import (  # noqa: E402
+from anogan_ray.data.phantom import (  # noqa: E402
     PATHOLOGY_CODES,
     PATHOLOGY_COLORS,
     generate_volume,
@@ -66,7 +66,7 @@ def make_figure(out: str) -> None:
     ]
     fig.legend(handles=legend, loc="lower center", ncol=3, frameon=False, fontsize=9)
     fig.suptitle(
-        f"Synthetic SD-OCT (anogan_ray.phantom): {cfg.height} x {cfg.width} px, "
+        f"Synthetic SD-OCT (anogan_ray.data.phantom): {cfg.height} x {cfg.width} px, "
         f"{cfg.spacing_x_um} µm A-scan spacing",
         fontsize=11,
     )

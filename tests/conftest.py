@@ -131,8 +131,8 @@ def scored_cohort(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anogan_ray.model import build_models, save_bundle
-    from anogan_ray.patches import encode_pixels, patch_id
+    from anogan_ray.core.model import build_models, save_bundle
+    from anogan_ray.tables import encode_pixels, patch_id
 
     cfg = load_config("tiny")
     root = tmp_path_factory.mktemp("scored")
@@ -191,6 +191,7 @@ def scored_cohort(tmp_path_factory):
                             "lambda": 0.1,
                             "steps": 30,
                             "z_lr": 0.05,
+                            "mapping": "iterative",
                         }
                     )
     for split in ("val", "test"):
@@ -266,7 +267,7 @@ def tiny_bundle(tmp_path_factory, tiny_config) -> str:
     import torch
     import torch.nn.functional as F
 
-    from anogan_ray.model import build_models, sample_latent, save_bundle
+    from anogan_ray.core.model import build_models, sample_latent, save_bundle
 
     torch.manual_seed(0)
     healthy = torch.from_numpy(synthetic_oct_patches(1024, seed=0))[:, None]  # (N, 1, 64, 64)
@@ -315,7 +316,7 @@ def _train_in_process(
     """
     import torch
 
-    from anogan_ray.recipes import freeze
+    from anogan_ray.core.recipes import freeze
 
     modules = recipe.build(model_cfg, train_cfg.seed)
     freeze(recipe, modules, frozen or {})
@@ -364,7 +365,7 @@ def write_patch_table():
     from ray.data.extensions import ArrowTensorArray
 
     from anogan_ray import storage
-    from anogan_ray.patches import encode_pixels, patch_id
+    from anogan_ray.tables import encode_pixels, patch_id
 
     def write(url: str, patches_by_split: dict[str, np.ndarray]) -> list[str]:
         fs, root = storage.arrow_filesystem(url)

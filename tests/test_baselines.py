@@ -10,10 +10,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from anogan_ray.baselines import PCABaseline, acae_score
-from anogan_ray.invert import score_patches
-from anogan_ray.model import BundleError, build_models, load_bundle, save_bundle
-from anogan_ray.recipes import ACAE
+from anogan_ray.core.baselines import PCABaseline, acae_score
+from anogan_ray.core.invert import score_patches
+from anogan_ray.core.model import BundleError, build_models, load_bundle, save_bundle
+from anogan_ray.core.recipes import ACAE
 
 
 @pytest.fixture(scope="module")

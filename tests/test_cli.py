@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -48,6 +50,27 @@ def test_query_top_k_to_csv_is_sorted_and_filtered(scored_cohort, tmp_path):
     assert scores == sorted(scores, reverse=True)
     table = pq.read_table(scored_cohort["scores"] + "/split=test")
     assert scores[0] == pytest.approx(max(table.column("anomaly_score").to_pylist()))
+
+
+def test_a_table_of_two_keys_needs_a_key_on_the_command_line(scored_cohort, tmp_path, capsys):
+    two = tmp_path / "scores"
+    shutil.copytree(scored_cohort["scores"], two)
+    other = pq.read_table(two / "split=test" / "a.parquet")
+    other = other.set_column(other.schema.get_field_index("lambda"), "lambda",
+                             pa.array([0.5] * other.num_rows))  # fmt: skip
+    pq.write_table(other, two / "split=test" / "c.parquet")
+    assert main(["query", "--scores", str(two), "--keys"]) == 0
+    listed = capsys.readouterr().out
+    assert "lambda=0.1," in listed and "lambda=0.5," in listed
+    assert main(["evaluate", "--scores", str(two)]) == 2
+    error = capsys.readouterr().err
+    assert "several scoring keys" in error and "lambda=0.5" in error
+    assert main(["evaluate", "--scores", str(two), "--lambda", "0.1"]) == 0
+    assert (
+        json.loads(capsys.readouterr().out)["n"]
+        == pq.read_table(scored_cohort["scores"] + "/split=test").num_rows
+    )  # every test patch once, not the λ 0.5 copies too
+    assert main(["query", "--scores", str(two), "--top-k", "3", "--key", "lambda=0.5"]) == 0
 
 
 def test_query_reports_a_missing_column_by_name(scored_cohort, capsys):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from anogan_ray.invert import MAPPINGS, score_patches
-from anogan_ray.model import BundleError, load_bundle, save_bundle
-from anogan_ray.recipes import ENCODER
+from anogan_ray.core.invert import MAPPINGS, score_patches
+from anogan_ray.core.model import BundleError, load_bundle, save_bundle
+from anogan_ray.core.recipes import ENCODER
 
 STEPS = 5  # Γ of the tests: the mappings' equalities hold for any Γ
 

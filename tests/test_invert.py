@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from anogan_ray.invert import (
+from anogan_ray.core.invert import (
     SCORE_COLUMNS,
     discrimination_loss,
     initial_latent,
@@ -19,7 +19,7 @@ from anogan_ray.invert import (
     residual_loss,
     score_patches,
 )
-from anogan_ray.model import load_bundle
+from anogan_ray.core.model import load_bundle
 
 # A patch's scores do not depend on the batch it is scored in, to the bit: the mapping always
 # runs in fixed-shape batches of mapping_rows() rows (anogan_ray/invert.py). Checked on an

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
-from anogan_ray import metrics
+from anogan_ray.core import metrics
 
 
 def test_paper_table_matches_sklearn():

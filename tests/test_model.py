@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from anogan_ray.config import ModelConfig
-from anogan_ray.model import (
+from anogan_ray.core.export import batchnorm_check
+from anogan_ray.core.model import (
     BundleError,
     build_models,
     finalize_batchnorm,
@@ -20,7 +21,6 @@ from anogan_ray.model import (
     sample_latent,
     save_bundle,
 )
-from anogan_ray.pipelines.train import batchnorm_check
 
 TINY = ModelConfig(latent_dim=16, base_channels=8)
 

@@ -10,8 +10,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
-from anogan_ray import phantom, query, storage
+from anogan_ray import storage
+from anogan_ray.analysis import query
 from anogan_ray.config import load_config
+from anogan_ray.data import phantom
 from anogan_ray.pipelines.preprocess import preprocess
 from anogan_ray.pipelines.score import score
 from anogan_ray.pipelines.train import train

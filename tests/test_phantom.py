@@ -11,9 +11,10 @@ import os
 import numpy as np
 import pytest
 
-from anogan_ray import storage, volumes
+from anogan_ray import storage
 from anogan_ray.config import PhantomConfig, load_config
-from anogan_ray.phantom import (
+from anogan_ray.data import volumes
+from anogan_ray.data.phantom import (
     LAYER_NAMES,
     MANIFEST_COLUMNS,
     PATHOLOGY_CODES,

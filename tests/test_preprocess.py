@@ -10,10 +10,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from anogan_ray import phantom, storage
-from anogan_ray.patches import PATCH_COLUMNS
-from anogan_ray.pipelines.preprocess import preprocess, read_patch_table
-from anogan_ray.volumes import ManifestError
+from anogan_ray import storage
+from anogan_ray.data import phantom
+from anogan_ray.data.volumes import ManifestError
+from anogan_ray.pipelines.preprocess import preprocess
+from anogan_ray.tables import PATCH_COLUMNS, read_patch_table
 
 
 def _table(url: str, splits: list[str] | None = None) -> pd.DataFrame:

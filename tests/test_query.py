@@ -12,7 +12,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from anogan_ray import query, storage
+from anogan_ray import storage
+from anogan_ray.analysis import query
+from anogan_ray.tables import TableError
 
 
 def _direct(scores: str):
@@ -29,7 +31,8 @@ def test_top_k_matches_pyarrow_sort(scored_cohort):
     assert "z" not in got.column_names  # the latent vector is not for terminals
     one = query.top_k(scored_cohort["scores"], k=5, subject="p1", volume="p1_od")
     assert set(one["subject_id"].to_pylist()) == {"p1"} and one.num_rows == 5
-    assert query.top_k(scored_cohort["scores"], k=3, model_id="other").num_rows == 0
+    with pytest.raises(TableError, match="no scoring key matches model_id=other"):
+        query.top_k(scored_cohort["scores"], k=3, key={"model_id": "other"})
 
 
 def test_aggregates_match_pyarrow(scored_cohort):
@@ -72,13 +75,13 @@ def test_sql_over_several_tables_and_s3(scored_cohort, bucket):
 
 
 def test_errors_name_the_problem(scored_cohort, tmp_path):
-    with pytest.raises(query.QueryError, match="no Parquet files"):
+    with pytest.raises(TableError, match="no Parquet files"):
         query.top_k(str(tmp_path / "nothing"))
-    with pytest.raises(query.QueryError, match="'no_such_score'.*available: patch_id"):
+    with pytest.raises(TableError, match="'no_such_score'.*available: patch_id"):
         query.top_k(scored_cohort["scores"], score="no_such_score")
-    with pytest.raises(query.QueryError, match="failed.*SELEC"):
+    with pytest.raises(TableError, match="failed.*SELEC"):
         query.sql(scored_cohort["scores"], "SELEC 1")
-    with pytest.raises(query.QueryError, match="level"):
+    with pytest.raises(TableError, match="level"):
         query.aggregate(scored_cohort["scores"], level="eye")
 
 

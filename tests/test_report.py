@@ -8,8 +8,10 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import adjusted_rand_score
 
-from anogan_ray import metrics, report
+from anogan_ray.analysis import report
 from anogan_ray.config import load_config
+from anogan_ray.core import metrics
+from anogan_ray.tables import pixels_from_column
 
 _SMALL = dict(top_k=4, volumes=2, embed_patches=120, marker_patches=60, clusters=3)
 
@@ -42,6 +44,11 @@ def test_full_report_writes_every_picture(scored_cohort, tmp_path):
     assert markers["patch_id"].is_unique
 
 
+def test_report_refuses_a_bundle_that_did_not_score_the_rows(scored_cohort, tiny_bundle, tmp_path):
+    with pytest.raises(ValueError, match="give the bundle that scored them"):
+        report.report(scored_cohort["scores"], str(tmp_path / "r"), model=tiny_bundle)
+
+
 def test_report_skips_what_it_cannot_draw(scored_cohort, tmp_path):
     result = report.report(scored_cohort["scores"], str(tmp_path / "r"), volumes=1)
     assert set(result["images"]) == {"roc", "histograms", "volume_p0_od"}
@@ -67,7 +74,7 @@ def _phantom_lesion_residuals():
     seeds), so pathological - healthy is what a perfect G(z) would leave. One 64 x 64 patch is
     centred on every lesion whose window holds one lesion type only.
     """
-    from anogan_ray.phantom import generate_volume
+    from anogan_ray.data.phantom import generate_volume
 
     cfg = load_config("tiny").phantom
     kind = {1: 0, 2: 0, 3: 1, 4: 2}  # fluid (intraretinal, subretinal), foci, drusen
@@ -116,4 +123,4 @@ def test_pixels_column_decodes_each_layout(storage_kind):
         column = pa.array([p.tobytes() for p in patches], pa.binary())
     else:
         column = pa.array([p.ravel() for p in patches], pa.large_list(pa.uint8()))
-    assert np.array_equal(report.pixels_from_column(pa.chunked_array([column])), patches)
+    assert np.array_equal(pixels_from_column(pa.chunked_array([column])), patches)

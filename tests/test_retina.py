@@ -10,10 +10,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from anogan_ray import phantom, retina, volumes
 from anogan_ray.config import PreprocessConfig
-from anogan_ray.patches import PATCH_COLUMNS, decode_pixels
-from anogan_ray.volumes import ManifestError, VolumeError
+from anogan_ray.data import phantom, retina, volumes
+from anogan_ray.data.volumes import ManifestError, VolumeError
+from anogan_ray.tables import PATCH_COLUMNS, decode_pixels
 
 # Segmentation bounds on the tiny phantom (256 x 256, resampled to 134 columns): mean absolute
 # error in pixels against the phantom's true boundaries, resampled along x like the image.

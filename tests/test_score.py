@@ -16,9 +16,11 @@ import pytest
 from ray.data.extensions import ArrowTensorArray
 
 from anogan_ray import storage
+from anogan_ray.analysis import query
 from anogan_ray.config import ScoreConfig
-from anogan_ray.patches import encode_pixels, patch_id
+from anogan_ray.core import metrics
 from anogan_ray.pipelines.score import score
+from anogan_ray.tables import TableError, encode_pixels, patch_id
 
 
 def _patch_rows(images: np.ndarray, labels: np.ndarray, split: str, volume: str) -> dict:
@@ -102,7 +104,8 @@ def test_scores_every_patch_once_on_s3_and_rerun_adds_nothing(
     assert np.all(np.isfinite(table["anomaly_score"].to_numpy()))
     assert np.all(np.isfinite(table["ref_anomaly_score"].to_numpy()))
     assert set(summary["auc"]) == {
-        "anomaly_score", "residual_score", "discrimination_score", "p_d", "ref_anomaly_score"
+        "anomaly_score", "residual_score", "discrimination_score", "p_d", "ref_anomaly_score",
+        "ref_discrimination_score",
     }  # fmt: skip
 
     again = score(patches, tiny_bundle, out, cfg)
@@ -114,6 +117,24 @@ def test_scores_every_patch_once_on_s3_and_rerun_adds_nothing(
     other = score(patches, tiny_bundle, out, ScoreConfig(lambda_=0.3, steps=5, batch_size=32))
     assert other["patches_scored"] == total
     assert read_scores(out).num_rows == 2 * total
+
+    # every reader takes exactly one key; without one it fails and names the keys present
+    scores = f"{out}/scores"
+    for read in (metrics.evaluate, query.top_k, query.aggregate):
+        with pytest.raises(TableError, match=r"several scoring keys(.|\n)*lambda=0.3"):
+            read(scores)
+    first = metrics.evaluate(scores, key={"lambda": 0.1})
+    second = metrics.evaluate(scores, key=other["key"])  # the key as score's summary prints it
+    assert first["n"] == second["n"] == 48  # the test split's patches, each counted once
+    assert (first["key"], second["key"]) == (summary["key"], other["key"])
+    assert first["scores"]["A"]["auc"] != second["scores"]["A"]["auc"]
+    top = query.top_k(scores, k=100, key={"lambda": 0.3})
+    assert top.num_rows == total and set(top["lambda"].to_pylist()) == {0.3}
+    volumes = query.aggregate(scores, level="volume", key=other["key"])
+    assert sum(volumes["patches"].to_pylist()) == total
+    assert query.keys(scores)["key"].to_pylist() == sorted([summary["key"], other["key"]])
+    with pytest.raises(TableError, match="no scoring key matches"):
+        metrics.evaluate(scores, key={"lambda": 0.2})
 
 
 def test_malformed_patches_go_to_rejects_and_the_rest_is_scored(

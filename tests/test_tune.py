@@ -16,10 +16,8 @@ import torch
 
 from anogan_ray import storage
 from anogan_ray.config import ConfigError, load_config
-from anogan_ray.invert import score_patches
-from anogan_ray.model import load_bundle
-from anogan_ray.patches import decode_pixels, encode_pixels
-from anogan_ray.pipelines.preprocess import read_patch_table
+from anogan_ray.core.invert import score_patches
+from anogan_ray.core.model import load_bundle
 from anogan_ray.pipelines.tune import (
     SweepInterrupted,
     add_synthetic_lesion,
@@ -28,6 +26,7 @@ from anogan_ray.pipelines.tune import (
     make_evaluation_set,
     tune,
 )
+from anogan_ray.tables import decode_pixels, encode_pixels, read_patch_table
 
 LAMBDAS = [0.1, 0.3]
 
@@ -55,7 +54,7 @@ def _config(*overrides: str):
 @pytest.fixture(scope="module")
 def phantom_patches(ray_local, tmp_path_factory) -> str:
     """A phantom patch table whose `val` split holds a healthy and a pathological subject."""
-    from anogan_ray.phantom import write_cohort
+    from anogan_ray.data.phantom import write_cohort
     from anogan_ray.pipelines.preprocess import preprocess
 
     cfg = _config()

@@ -1,18 +1,18 @@
 """Cohort manifest -> patch table, with Ray Data (``anogan-ray preprocess``, ``jobs/preprocess.py``).
 
 The unit of work is one volume: the manifest becomes a dataset with one row (and one block) per
-volume, and :func:`anogan_ray.retina.preprocess_volume` turns each into patch rows (training mode
-for split ``train``, the scoring grid for ``val`` / ``test``; see :mod:`anogan_ray.retina`).
+volume, and :func:`anogan_ray.data.retina.preprocess_volume` turns each into patch rows (training mode
+for split ``train``, the scoring grid for ``val`` / ``test``; see :mod:`anogan_ray.data.retina`).
 
 Output layout of :func:`preprocess` under the stage folder ``out`` (local or ``s3://``):
 
 * ``out/patches/split=<split>/*.parquet``: the patch table (DESIGN.md §3.2), Hive-partitioned by
   ``split``; files hold up to ``rows_per_file`` rows (and at least that many, or what is left,
-  where the data allows). Read it back with :func:`read_patch_table`, which restores ``split``.
+  where the data allows). Read it back with :func:`anogan_ray.tables.read_patch_table`, which restores ``split``.
 * ``out/rejects/rejects.parquet``: one row per volume that could not be used (``source``,
   ``volume_id``, ``reason``); always written, empty when nothing was rejected.
 * ``out/geometry/geometry.parquet``: per B-scan, the x scale and the per-column flattening shift
-  that map a patch back to the original B-scan (see :class:`anogan_ray.retina.BscanGeometry`).
+  that map a patch back to the original B-scan (see :class:`anogan_ray.data.retina.BscanGeometry`).
 * ``out/summary.json``: counts, rejects, timings; written last, so its presence marks a finished run.
 
 Re-runs are idempotent: the stage folder's outputs are deleted before the new ones are written,
@@ -34,14 +34,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.data.datasource.partitioning import Partitioning
 
 from anogan_ray import storage
 from anogan_ray.config import PreprocessConfig
-from anogan_ray.patches import PATCH_COLUMNS
+from anogan_ray.data.retina import STEPS, VolumePatches, preprocess_volume
+from anogan_ray.data.volumes import SPLITS, VolumeError, read_manifest
 from anogan_ray.pipelines import ensure_ray
-from anogan_ray.retina import STEPS, VolumePatches, preprocess_volume
-from anogan_ray.volumes import SPLITS, VolumeError, read_manifest
+from anogan_ray.tables import PATCH_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
         The summary (also written to ``out/summary.json``).
 
     Raises:
-        anogan_ray.volumes.ManifestError: the manifest is unusable (before any volume is read).
+        anogan_ray.data.volumes.ManifestError: the manifest is unusable (before any volume is read).
     """
     started = time.perf_counter()
     frame = read_manifest(manifest)
@@ -268,34 +267,3 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
         elapsed,
     )
     return summary
-
-
-def read_patch_table(url: str, splits: list[str] | None = None) -> ray.data.Dataset:
-    """Read a patch table written by :func:`preprocess`, with the ``split`` column.
-
-    Args:
-        url: the preprocess stage folder, or its ``patches`` folder.
-        splits: keep only these splits (``None``: all).
-
-    Returns:
-        A dataset with the columns of :data:`anogan_ray.patches.PATCH_COLUMNS`; ``pixels`` is a
-        ``(64, 64)`` uint8 tensor column.
-    """
-    ensure_ray()
-    if storage.exists(storage.join(url, "patches")):
-        url = storage.join(url, "patches")
-    # list the files once ourselves (one listing call; Ray's own discovery is slow on s3fs)
-    files = storage.list_files(url, ".parquet")
-    if splits is not None:
-        wanted = {f"split={split}" for split in splits}
-        files = [f for f in files if any(part in wanted for part in f.split("/"))]
-    if not files:
-        raise FileNotFoundError(f"no patch table files under {url} (splits: {splits or 'all'})")
-    fs, path = storage.arrow_filesystem(url)
-    paths = [storage.arrow_filesystem(f)[1] for f in files]
-    dataset = ray.data.read_parquet(
-        paths,
-        filesystem=fs,
-        partitioning=Partitioning("hive", base_dir=path, filesystem=fs),
-    )
-    return dataset.select_columns(list(PATCH_COLUMNS))

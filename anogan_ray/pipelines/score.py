@@ -7,8 +7,9 @@ Layout of the stage folder ``out`` (local path or ``s3://``):
     out/summary.json         counts, timings and AUCs of the last run
     out/_staging/<run>/      files Ray Data is writing now (never read as part of the table)
 
-Exactly once. A row's identity is (patch_id, model_id, lambda, steps, z_lr, mapping): a re-run with the same
-bundle and settings adds nothing, one with another λ adds a new row per patch. Ray Data's
+Exactly once. A row's identity is (patch_id, scoring key), the key being (model_id, lambda, steps,
+z_lr, mapping) (:class:`anogan_ray.tables.ScoringKey`): a re-run with the same bundle and settings
+adds nothing, one with another λ adds a new row per patch. Ray Data's
 ``write_parquet`` writes straight to its final path, so a killed job can leave a half-written file
 there; it therefore writes into ``out/_staging/<run>/``, and only the commit step moves complete
 files (their Parquet footer reads) into ``out/scores`` and ``out/rejects``, dropping rows whose key
@@ -34,34 +35,31 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import torch
 
 from anogan_ray import storage
 from anogan_ray.config import ScoreConfig
-from anogan_ray.invert import SCORE_COLUMNS, check_fast_math, score_patches
-from anogan_ray.model import ENCODER_FILE, load_bundle
-from anogan_ray.patches import PATCH_COLUMNS, PATCH_SIZE, decode_pixels
+from anogan_ray.core import metrics
+from anogan_ray.core.invert import SCORE_COLUMNS, check_fast_math, score_patches
+from anogan_ray.core.model import ENCODER_FILE, load_bundle
 from anogan_ray.pipelines import ensure_ray
-from anogan_ray.pipelines.preprocess import read_patch_table
+from anogan_ray.tables import (
+    KEY_COLUMNS,
+    PATCH_COLUMNS,
+    PATCH_SIZE,
+    ScoringKey,
+    decode_pixels,
+    read_committed,
+    read_patch_table,
+)
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ("patch_id", "model_id", "lambda", "steps", "z_lr", "mapping")
 META_COLUMNS = tuple(c for c in PATCH_COLUMNS if c != "pixels")
 REJECT_REASON = "reject_reason"  # internal column: "" for a scored row
 THREADS_PER_CPU_ACTOR = 2  # torch threads per scoring actor on CPU (measured best on 2 cores)
-AUC_COLUMNS = {  # score column -> sign that makes "larger = more anomalous"
-    "anomaly_score": 1.0,
-    "residual_score": 1.0,
-    "discrimination_score": 1.0,
-    "p_d": -1.0,  # D's probability of "real": low means anomalous
-    "ref_anomaly_score": 1.0,
-    "acae_score": 1.0,
-    "pca_score": 1.0,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,32 +179,15 @@ class PatchScorer:
 # ---------------------------------------------------------------------------------------------
 
 
-def _key_filter(model_id: str, cfg: ScoreConfig) -> pads.Expression:
-    return (
-        (pads.field("model_id") == model_id)
-        & (pads.field("lambda") == cfg.lambda_)
-        & (pads.field("steps") == cfg.steps)
-        & (pads.field("z_lr") == cfg.z_lr)
-        & (pads.field("mapping") == cfg.mapping)
-    )
+def scoring_key(model_id: str, cfg: ScoreConfig) -> ScoringKey:
+    """The key of the rows a run with these settings writes."""
+    return ScoringKey(model_id, cfg.lambda_, cfg.steps, cfg.z_lr, cfg.mapping)
 
 
-def _read_table(url: str, columns: list[str], where: pads.Expression | None) -> pa.Table:
-    """Rows of a committed table (all its Parquet files); empty when there is none yet."""
-    files = storage.list_files(url, ".parquet")
-    if not files:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    fs, _ = storage.arrow_filesystem(url)
-    paths = [storage.filesystem(f)[1] for f in files]
-    dataset = pads.dataset(paths, filesystem=fs, format="parquet")
-    return dataset.to_table(columns=columns, filter=where)
-
-
-def _done_ids(out: str, model_id: str, cfg: ScoreConfig) -> pa.Array:
+def _done_ids(out: str, key: ScoringKey) -> pa.Array:
     """patch_ids already in the score or rejects table under this scoring key."""
-    where = _key_filter(model_id, cfg)
     ids = [
-        _read_table(storage.join(out, table), ["patch_id"], where)["patch_id"]
+        read_committed(storage.join(out, table), ["patch_id"], key.expression())["patch_id"]
         for table in ("scores", "rejects")
     ]
     chunks = [c.cast(pa.string()) for column in ids for c in column.chunks]
@@ -252,13 +233,10 @@ def commit_staged(out: str) -> dict[str, int]:
         ):
             if rows.num_rows == 0:
                 continue
-            model_id = rows["model_id"][0].as_py()
-            key = (kind, model_id, rows["lambda"][0].as_py(), rows["steps"][0].as_py(),
-                   rows["z_lr"][0].as_py(), rows["mapping"][0].as_py())  # fmt: skip
+            key = (kind, ScoringKey(*(rows[c][0].as_py() for c in KEY_COLUMNS)))
             if key not in done:
-                cfg = ScoreConfig(lambda_=key[2], steps=key[3], z_lr=key[4], mapping=key[5])
                 table_url = storage.join(out, "scores" if kind == "scored" else "rejects")
-                existing = _read_table(table_url, ["patch_id"], _key_filter(model_id, cfg))
+                existing = read_committed(table_url, ["patch_id"], key[1].expression())
                 done[key] = set(existing["patch_id"].to_pylist())
             fresh = pc.invert(pc.is_in(rows["patch_id"], pa.array(list(done[key]), pa.string())))
             counts["duplicates"] += rows.num_rows - int(pc.sum(fresh).as_py() or 0)
@@ -268,7 +246,7 @@ def commit_staged(out: str) -> dict[str, int]:
             if kind == "scored":
                 rows = rows.drop_columns([REJECT_REASON])
             else:
-                keep = ["patch_id", "split", "source", REJECT_REASON, *KEY_COLUMNS[1:]]
+                keep = ["patch_id", "split", "source", REJECT_REASON, *KEY_COLUMNS]
                 rows = rows.select(keep).rename_columns(
                     [c if c != REJECT_REASON else "reason" for c in keep]
                 )
@@ -300,31 +278,24 @@ def _resources(cfg: ScoreConfig) -> tuple[str, int, dict[str, Any]]:
     return "cpu", actors, {"num_cpus": 1}
 
 
-def _aucs(out: str, model_id: str, cfg: ScoreConfig) -> dict[str, float | None]:
+def _aucs(out: str, key: ScoringKey) -> dict[str, float | None]:
     """Patch-level ROC AUC of each score over rows labelled 0 or 1 (None: one class only).
 
     Scores the run did not compute (all NaN: GAN_R when off, baselines the bundle lacks) are left
-    out.
+    out; p_d enters as 1 - p_d (low = anomalous).
     """
-    from sklearn.metrics import roc_auc_score
-
-    table = _read_table(
-        storage.join(out, "scores"), ["label", *AUC_COLUMNS], _key_filter(model_id, cfg)
-    )
+    columns = [c for c in metrics.SCORES.values() if c in SCORE_COLUMNS]
+    table = read_committed(storage.join(out, "scores"), ["label", *columns], key.expression())
     if table.num_rows == 0:
         return {}
     label = table["label"].to_numpy(zero_copy_only=False).astype(int)
-    known = (label == 0) | (label == 1)
     result: dict[str, float | None] = {}
-    for name, sign in AUC_COLUMNS.items():
-        values = sign * table[name].to_numpy(zero_copy_only=False).astype(float)
-        usable = known & np.isfinite(values)
+    for name in columns:
+        values = table[name].to_numpy(zero_copy_only=False).astype(float)
         if not np.isfinite(values).any():  # a score this run did not compute (GAN_R, baselines)
             continue
-        if len(set(label[usable])) < 2:
-            result[name] = None
-            continue
-        result[name] = float(roc_auc_score(label[usable], values[usable]))
+        value = metrics.auc(metrics.oriented(values, name), label)
+        result[name] = None if np.isnan(value) else value
     return result
 
 
@@ -356,7 +327,8 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     recovered = commit_staged(out)  # files a killed run finished; half-written ones are dropped
     if recovered["scored"] or recovered["rejected"] or recovered["partial_files"]:
         log.info("recovered from an earlier run: %s", recovered)
-    done = _done_ids(out, model_id, cfg)
+    key = scoring_key(model_id, cfg)
+    done = _done_ids(out, key)
     log.info("%d patches already scored or rejected under model %s", len(done), model_id)
 
     done_ref = ray.put(done)
@@ -400,11 +372,12 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     scoring_seconds = time.perf_counter() - scoring_started
     committed = commit_staged(out)
 
-    total = _done_ids(out, model_id, cfg)
-    rejected_total = _read_table(
-        storage.join(out, "rejects"), ["patch_id"], _key_filter(model_id, cfg)
+    total = _done_ids(out, key)
+    rejected_total = read_committed(
+        storage.join(out, "rejects"), ["patch_id"], key.expression()
     ).num_rows
     summary = {
+        "key": str(key),
         "model_id": model_id,
         "lambda": cfg.lambda_,
         "steps": cfg.steps,
@@ -424,7 +397,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "patches_rejected_total": rejected_total,
         "seconds": round(time.perf_counter() - started, 3),
         "patches_per_s": round(committed["scored"] / scoring_seconds, 3),
-        "auc": _aucs(out, model_id, cfg),  # patch level; p_d enters as −p_d (low = anomalous)
+        "auc": _aucs(out, key),  # patch level
         "scores": storage.join(out, "scores"),
         "rejects": storage.join(out, "rejects"),
     }

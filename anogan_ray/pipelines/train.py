@@ -2,7 +2,7 @@
 
 The driver (:func:`train`) reads the patch table's ``train`` split with Ray Data (shuffled
 across volumes, seeded), runs the GAN recipe and, with ``train.baselines``, the aCAE recipe
-(:mod:`anogan_ray.recipes`) through the same harness (:func:`make_trainer`: each worker trains
+(:mod:`anogan_ray.core.recipes`) through the same harness (:func:`make_trainer`: each worker trains
 its shard, every module wrapped in DDP, gloo on CPU, NCCL on GPU), fits the PCA baseline and
 exports the model bundle. Layout of the stage folder ``out``:
 
@@ -23,11 +23,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,23 +38,15 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn as nn
-from PIL import Image
 
 from anogan_ray import storage
-from anogan_ray.baselines import AdversarialAutoencoder, PCABaseline
 from anogan_ray.config import Config, ModelConfig, config_from_dict
-from anogan_ray.model import (
-    Discriminator,
-    Encoder,
-    Generator,
-    finalize_batchnorm,
+from anogan_ray.core.baselines import PCABaseline
+from anogan_ray.core.export import SAMPLE_GRID, export_bundle, exported_models, sample_grid_png
+from anogan_ray.core.model import (
     sample_latent,
-    save_bundle,
 )
-from anogan_ray.patches import decode_pixels
-from anogan_ray.pipelines import ensure_ray
-from anogan_ray.pipelines.preprocess import read_patch_table
-from anogan_ray.recipes import (
+from anogan_ray.core.recipes import (
     ACAE,
     ENCODER,
     GAN,
@@ -67,6 +57,8 @@ from anogan_ray.recipes import (
     sliced_wasserstein,
     unwrap,
 )
+from anogan_ray.pipelines import ensure_ray
+from anogan_ray.tables import decode_pixels, read_patch_table
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +68,6 @@ SAMPLES_FOLDER = "samples"
 QUALITY_FILE = "generative_quality.json"
 _STATE_FILE = "state.pt"  # tensors and plain containers only (loaded with weights_only=True)
 _META_FILE = "meta.json"  # model config, data fingerprint, step: checked before resuming
-_SAMPLE_GRID = 8  # the epoch previews are 8 x 8 patches
 _SHUFFLE_BUFFER = 1024  # rows in each worker's local shuffle buffer (on top of the global shuffle)
 _QUALITY_SAMPLES = 512  # real and generated patches of the generative-quality figure
 _PCA_SAMPLES = 20_000  # training patches the PCA baseline is fitted on (at most)
@@ -139,7 +130,7 @@ def read_training_patches(patches: str, seed: int = 0) -> TrainingPatches:
     return TrainingPatches(table, num_patches, fingerprint, patches)
 
 
-def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = None) -> dict:
+def train(patches: str, out: str, cfg: Config) -> dict:
     """Train G and D (and the baselines) on the ``train`` split and export the bundle to ``out``.
 
     Args:
@@ -147,8 +138,6 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
         out: the stage folder; it becomes the model bundle (``load_bundle(out)``) and holds the
             run's checkpoints, sample grids and ``summary.json``.
         cfg: the whole configuration; ``cfg.model`` and ``cfg.train`` are used.
-        crash_at_step: fault-injection for tests: the last worker kills its own process
-            (SIGKILL) once at this step, in a run of the GAN not restored from a checkpoint.
 
     Returns:
         The summary, also written to ``out/summary.json``.
@@ -176,7 +165,6 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
             out,
             cfg,
             recipe=recipe,
-            crash_at_step=crash_at_step if recipe is GAN else None,
             frozen=frozen,
         )
         result = trainer.fit()
@@ -192,7 +180,6 @@ def train(patches: str, out: str, cfg: Config, *, crash_at_step: int | None = No
         out,
         state,
         cfg,
-        data,
         metadata={
             "run_name": train_cfg.run_name,
             "run": run_url(out, cfg, GAN),
@@ -294,7 +281,6 @@ def make_trainer(
     recipe: Recipe = GAN,
     epoch_end: EpochEnd | None = None,
     callbacks: list | None = None,
-    crash_at_step: int | None = None,
     frozen: dict[str, nn.Module] | None = None,
 ) -> ray.train.torch.TorchTrainer:
     """The ``TorchTrainer`` of a training run: ``anogan-ray train`` and every sweep trial.
@@ -303,13 +289,12 @@ def make_trainer(
     to ``out/samples`` and its generative-quality figure to ``out/generative_quality.json``.
 
     Args:
-        recipe: what is trained (:data:`anogan_ray.recipes.GAN` or another recipe).
+        recipe: what is trained (:data:`anogan_ray.core.recipes.GAN` or another recipe).
         epoch_end: called on rank 0 after every epoch (and at the last step) with the state of
             the recipe's modules (CPU state dicts under their names, e.g. ``"generator"``) and
             ``"epoch"``; the metrics it returns are reported with the epoch's. A sweep evaluates
             its objective here.
         callbacks: Ray Train callbacks (a sweep trial's ``TuneReportCallback``).
-        crash_at_step: see :func:`train`.
         frozen: the recipe's frozen modules (the exported G and D for the encoder).
     """
     cfg = recipe_config(cfg, recipe)
@@ -326,7 +311,6 @@ def make_trainer(
         "fingerprint": data.fingerprint,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
-        "crash_at_step": crash_at_step,
         "epoch_end": epoch_end,
         "reference_pixels": reference,
         "frozen": {name: module.state_dict() for name, module in (frozen or {}).items()},
@@ -491,13 +475,6 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             if batch_index < skip:
                 continue
-            if (
-                config["crash_at_step"] is not None
-                and state is None
-                and step == config["crash_at_step"]
-                and rank == world_size - 1
-            ):
-                os.kill(os.getpid(), signal.SIGKILL)  # a real worker failure, for the tests
             real = torch.from_numpy(decode_pixels(batch["pixels"])).unsqueeze(1).to(device)
             # real: (B, 1, 64, 64) in [-1, 1]
             sums += recipe.step(modules, optimizers, real, model_cfg)
@@ -507,7 +484,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             final = step >= total_steps
             if end_of_epoch and rank == 0 and recipe.samples is not None:
                 generator = unwrap(modules[recipe.samples])
-                _write_sample_grid(out, epoch + 1, generator, preview_z[: _SAMPLE_GRID**2])
+                _write_sample_grid(out, epoch + 1, generator, preview_z[: SAMPLE_GRID**2])
                 _record_generative_quality(
                     out, epoch + 1, step, generator, preview_z, config["reference_pixels"]
                 )
@@ -628,25 +605,6 @@ def _write_sample_grid(out: str, epoch: int, generator: nn.Module, z: torch.Tens
     )
 
 
-def sample_grid_png(samples: np.ndarray, border: int = 2) -> bytes:
-    """PNG bytes of up to 64 patches (N, H, W) in [-1, 1], laid out 8 per row."""
-    count, height, width = samples.shape
-    rows = -(-count // _SAMPLE_GRID)
-    grid = np.full(
-        (rows * (height + border) + border, _SAMPLE_GRID * (width + border) + border),
-        255,
-        np.uint8,
-    )
-    pixels = np.clip(np.rint((samples + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    for index, patch in enumerate(pixels):
-        top = border + (index // _SAMPLE_GRID) * (height + border)
-        left = border + (index % _SAMPLE_GRID) * (width + border)
-        grid[top : top + height, left : left + width] = patch
-    buffer = io.BytesIO()
-    Image.fromarray(grid).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------
 # Export: final BatchNorm statistics, then the bundle
 # ---------------------------------------------------------------------------------------------
@@ -668,112 +626,3 @@ def fit_pca(data: TrainingPatches, cfg: Config) -> PCABaseline:
     """The PCA baseline: ``train.pca_components`` components of a random training sample."""
     pixels = decode_pixels(_sample_pixels(data, min(data.num_patches, _PCA_SAMPLES)))
     return PCABaseline.fit(pixels, cfg.train.pca_components, seed=cfg.train.seed)
-
-
-def exported_module(
-    kind: type[nn.Module], state: dict[str, Any], cfg: Config, real_pixels: np.ndarray
-) -> nn.Module:
-    """The encoder or aCAE as scored: weights from its run's final ``state``, BatchNorm
-    statistics finalized over real patches (:func:`batchnorm_pixels`), eval mode."""
-    module = kind(cfg.model)
-    module.load_state_dict(state["encoder" if kind is Encoder else "autoencoder"])
-    real = torch.from_numpy(decode_pixels(real_pixels)).unsqueeze(1)  # (N, 1, 64, 64)
-    finalize_batchnorm(module, real.split(cfg.train.batch_size))
-    return module.eval()
-
-
-def exported_models(
-    state: dict[str, Any],
-    cfg: Config,
-    real_pixels: np.ndarray,
-    device: torch.device | str = "cpu",
-) -> tuple[Generator, Discriminator]:
-    """G and D as they are scored: weights from ``state``, BatchNorm statistics finalized, eval.
-
-    G's statistics are exact averages over ``cfg.train.batchnorm_samples`` seeded latent draws,
-    D's over ``real_pixels`` (:func:`batchnorm_pixels`), both in training-sized batches; the
-    same state gives the same models.
-    """
-    model_cfg, train_cfg = cfg.model, cfg.train
-    generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
-    generator.load_state_dict(state["generator"])
-    discriminator.load_state_dict(state["discriminator"])
-    generator.to(device)
-    discriminator.to(device)
-    batch_size = train_cfg.batch_size
-    num_batches = max(1, train_cfg.batchnorm_samples // batch_size)
-    latent_rng = torch.Generator().manual_seed(train_cfg.seed + 1)
-    finalize_batchnorm(
-        generator,
-        (sample_latent(batch_size, model_cfg, latent_rng).to(device) for _ in range(num_batches)),
-    )
-    real = torch.from_numpy(decode_pixels(real_pixels)).unsqueeze(1)  # (N, 1, 64, 64)
-    finalize_batchnorm(discriminator, (chunk.to(device) for chunk in real.split(batch_size)))
-    return generator.eval(), discriminator.eval()
-
-
-def export_bundle(
-    out: str,
-    state: dict[str, Any],
-    cfg: Config,
-    data: TrainingPatches,
-    metadata: dict[str, Any],
-    encoder_state: dict[str, Any] | None = None,
-    acae_state: dict[str, Any] | None = None,
-    pca: PCABaseline | None = None,
-    real_pixels: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Write the model bundle at ``out`` from a training checkpoint's state.
-
-    The models are :func:`exported_models` over :func:`batchnorm_pixels`; the encoder and the
-    aCAE (from their runs' final states) and the PCA baseline join the bundle when given. The result records how
-    far G's eval-mode samples are from its train-mode samples on the same z.
-
-    Returns:
-        ``{"model_id": ..., "batchnorm_check": {...}}``.
-    """
-    if real_pixels is None:  # D's BatchNorm patches, unless the caller has them already
-        real_pixels = batchnorm_pixels(data, cfg)
-    generator, discriminator = exported_models(state, cfg, real_pixels)
-    check = batchnorm_check(generator, cfg.model, cfg.train.batch_size, seed=cfg.train.seed + 2)
-    baselines = {}
-    if acae_state is not None:
-        baselines["acae"] = exported_module(AdversarialAutoencoder, acae_state, cfg, real_pixels)
-    encoder = None
-    if encoder_state is not None:
-        encoder = exported_module(Encoder, encoder_state, cfg, real_pixels)
-    if pca is not None:
-        baselines["pca"] = pca
-    model_id = save_bundle(
-        out,
-        generator,
-        discriminator,
-        cfg.model,
-        {**metadata, "batchnorm_check": check},
-        baselines=baselines,
-        encoder=encoder,
-    )
-    return {"model_id": model_id, "batchnorm_check": check}
-
-
-@torch.no_grad()
-def batchnorm_check(
-    generator: Generator, model_cfg: ModelConfig, batch_size: int, seed: int = 0
-) -> dict[str, float]:
-    """Compare G in eval mode (running statistics) with G in train mode (batch statistics).
-
-    Returns the mean absolute pixel difference on the same z and each mode's pixel mean and
-    standard deviation; after :func:`finalize_batchnorm` the two modes sample alike.
-    """
-    z = sample_latent(batch_size, model_cfg, torch.Generator().manual_seed(seed))
-    was_training = generator.training
-    eval_samples = generator.eval()(z)
-    train_samples = copy.deepcopy(generator).train()(z)  # the copy's buffers absorb the update
-    generator.train(was_training)
-    return {
-        "mean_abs_difference": float((eval_samples - train_samples).abs().mean()),
-        "eval_mean": float(eval_samples.mean()),
-        "train_mean": float(train_samples.mean()),
-        "eval_std": float(eval_samples.std()),
-        "train_std": float(train_samples.std()),
-    }

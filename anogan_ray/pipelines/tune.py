@@ -54,25 +54,23 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from scipy.stats import spearmanr
-from sklearn.metrics import roc_auc_score
 
 from anogan_ray import storage
 from anogan_ray.config import Config, ConfigError, TuneConfig, config_from_dict
-from anogan_ray.invert import invert_batch
-from anogan_ray.patches import decode_pixels, patch_seed
+from anogan_ray.core.export import export_bundle, exported_models
+from anogan_ray.core.invert import invert_batch
+from anogan_ray.core.metrics import auc
 from anogan_ray.pipelines import ensure_ray
-from anogan_ray.pipelines.preprocess import read_patch_table
 from anogan_ray.pipelines.train import (
     RUNS_FOLDER,
     TrainingPatches,
     batchnorm_pixels,
     checkpoint_name,
-    export_bundle,
-    exported_models,
     make_trainer,
     plan_steps,
     read_training_patches,
 )
+from anogan_ray.tables import decode_pixels, patch_seed, read_patch_table
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +302,6 @@ def evaluate_objective(
     device = next(generator.parameters()).device
     pixels = torch.tensor(evaluation.pixels).unsqueeze(1)  # (M, 1, 64, 64); a writable copy
     known = evaluation.labels >= 0
-    labelled = known.any() and len(set(evaluation.labels[known].tolist())) == 2
     metrics: dict[str, Any] = {}
     per_lambda = []
     for lambda_ in lambdas:
@@ -323,16 +320,10 @@ def evaluate_objective(
             residual.append(result.residual_score)
         anomaly_score, residual_score = np.concatenate(anomaly), np.concatenate(residual)
         row = {"lambda": lambda_, "healthy_residual": math.nan}
-        row["val_auc"] = (
-            float(roc_auc_score(evaluation.labels[known], anomaly_score[known]))
-            if labelled
-            else math.nan
-        )
+        row["val_auc"] = auc(anomaly_score[known], evaluation.labels[known])
         if evaluation.synthetic.any():
             pair = evaluation.synthetic | evaluation.synthetic_source
-            row["synthetic_auc"] = float(
-                roc_auc_score(evaluation.synthetic[pair], anomaly_score[pair])
-            )
+            row["synthetic_auc"] = auc(anomaly_score[pair], evaluation.synthetic[pair])
             row["healthy_residual"] = float(residual_score[evaluation.synthetic_source].mean())
         else:
             row["synthetic_auc"] = math.nan
@@ -788,7 +779,7 @@ def _export_best(
         url,
         state,
         trial_cfg,
-        training,
+        real_pixels=batchnorm_pixels(training, trial_cfg),
         metadata={
             "run": f"tune trial {metrics['trial_id']}",
             "checkpoint": checkpoint,

@@ -43,8 +43,16 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.dataset as ds  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from anogan_ray import metrics, query, storage  # noqa: E402
-from anogan_ray.patches import PATCH_SIZE, decode_pixels  # noqa: E402
+from anogan_ray import storage  # noqa: E402
+from anogan_ray.core import metrics  # noqa: E402
+from anogan_ray.tables import (  # noqa: E402
+    PATCH_SIZE,
+    TableError,
+    decode_pixels,
+    open_dataset,
+    pixels_from_column,
+    read_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,40 +65,13 @@ _LABEL_NAMES = {1: "anomalous", 0: "normal", -1: "unknown"}
 # ---------------------------------------------------------------------------------------------
 
 
-def pixels_from_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A patch table's ``pixels`` column -> uint8 array (N, 64, 64).
-
-    Accepts Ray's tensor extension type (registered or read as its storage), (large/fixed-size)
-    lists of uint8 and 4096-byte binary values.
-    """
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if isinstance(array, pa.ExtensionArray):
-        array = array.storage
-    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
-        flat = np.frombuffer(b"".join(array.to_pylist()), dtype=np.uint8)
-    elif pa.types.is_fixed_size_binary(array.type):
-        flat = np.frombuffer(array.buffers()[1], np.uint8)[
-            array.offset * array.type.byte_width : (array.offset + len(array))
-            * array.type.byte_width
-        ]
-    else:
-        while (
-            pa.types.is_list(array.type)
-            or pa.types.is_large_list(array.type)
-            or (pa.types.is_fixed_size_list(array.type))
-        ):
-            array = array.flatten()
-        flat = array.to_numpy(zero_copy_only=False).astype(np.uint8, copy=False)
-    return flat.reshape(-1, PATCH_SIZE, PATCH_SIZE)
-
-
 def read_patches(
     patches: str, filter_expression: ds.Expression, columns: Sequence[str] = ()
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Rows of the patch table matching ``filter_expression``: (metadata, uint8 pixels)."""
-    dataset = query.open_dataset(patches, what="patch table")
+    dataset = open_dataset(patches, what="patch table")
     if "pixels" not in dataset.schema.names:
-        raise query.QueryError(f"patch table {patches}: no `pixels` column")
+        raise TableError(f"patch table {patches}: no `pixels` column")
     wanted = ["patch_id", *columns, "pixels"]
     table = dataset.to_table(columns=wanted, filter=filter_expression)
     return table.drop(["pixels"]).to_pandas(), pixels_from_column(table.column("pixels"))
@@ -102,7 +83,7 @@ def _pixels_for(patches: str, patch_ids: Sequence[str]) -> np.ndarray:
     position = {pid: i for i, pid in enumerate(meta["patch_id"])}
     missing = [pid for pid in patch_ids if pid not in position]
     if missing:
-        raise query.QueryError(
+        raise TableError(
             f"patch table {patches}: {len(missing)} scored patch(es) not found, e.g. {missing[0]}"
         )
     return pixels[[position[pid] for pid in patch_ids]]
@@ -128,14 +109,13 @@ def _reconstruct(bundle: Any, z: np.ndarray) -> np.ndarray:
         return bundle.generator(torch.as_tensor(np.asarray(z, np.float32)))[:, 0].numpy()
 
 
-def _latents(scores: str | Sequence[str], patch_ids: Sequence[str]) -> np.ndarray | None:
-    """The stored final z of each patch, or None when the score table has no ``z``."""
-    con = query.connect(scores)
-    if "z" not in query.columns(con):
+def _latents(scores: str | Sequence[str], key: str, patch_ids: Sequence[str]) -> np.ndarray | None:
+    """The stored final z of each patch under ``key``, or None when the table has no ``z``."""
+    if "z" not in open_dataset(scores).schema.names:
         return None
-    found = con.sql(
-        "SELECT patch_id, z FROM scores WHERE list_contains(?, patch_id)", params=[list(patch_ids)]
-    ).df()
+    found, _ = read_scores(
+        scores, key, columns=["patch_id", "z"], where=ds.field("patch_id").isin(list(patch_ids))
+    )
     by_id = dict(zip(found["patch_id"], found["z"]))
     if any(by_id.get(pid) is None for pid in patch_ids):
         return None
@@ -415,7 +395,7 @@ def report(
     model: str | None = None,
     threshold: float | str | None = None,
     split: str = "test",
-    model_id: str | None = None,
+    key: str | dict | None = None,
     top_k: int = 8,
     volumes: int = 3,
     embed_patches: int = 600,
@@ -434,7 +414,7 @@ def report(
         threshold: the patch-level A threshold: a number, a ``threshold.json`` / bundle folder,
             or None (the model's stored one, else calibrated on ``val`` now).
         split: the split to picture.
-        model_id: which model's rows, when the table holds several.
+        key: which scoring key's rows, when the table holds several (``tables.select_key``).
         top_k: patches in the top-k picture.
         volumes: most anomalous volumes to map.
         embed_patches: patches in the t-SNE (stratified, half anomalous where possible).
@@ -446,10 +426,18 @@ def report(
         ``{"out", "index", "images": {name: url}, "skipped": {name: reason}, "auc": {...},
         "markers": url or None}``.
     """
-    frame = metrics.read_scores(scores, model_id=model_id)
+    frame = metrics.read_scores(scores, key=key)
+    key = metrics.key_text(frame)
     chosen = frame[frame["split"] == split].reset_index(drop=True)
     if chosen.empty:
         raise metrics.MetricsError(f"score table {scores}: no rows in split {split!r}")
+    if model:
+        bundle_id = storage.read_json(storage.join(model, "bundle.json"))["model_id"]
+        if bundle_id != frame["model_id"].iloc[0]:
+            raise ValueError(
+                f"model bundle {model} is model_id {bundle_id}, but the rows of key {key} were "
+                f"scored by {frame['model_id'].iloc[0]}: give the bundle that scored them"
+            )
     storage.makedirs(out)
     images: dict[str, str] = {}
     skipped: dict[str, str] = {}
@@ -460,7 +448,7 @@ def report(
     # ROC curves and histograms (labels only)
     evaluation = None
     try:
-        evaluation = metrics.evaluate(scores, threshold, "patch", split, model_id)
+        evaluation = metrics.evaluate(scores, threshold, "patch", split, key)
         images["roc"] = _save(_roc_figure(evaluation), storage.join(out, "roc.png"))
         captions["roc"] = "ROC curves of the scores at patch level (paper Fig. 4 a, b)."
     except metrics.MetricsError as err:
@@ -507,7 +495,7 @@ def report(
     # Pictures that need pixels and the model
     bundle = None
     if patches and model:
-        from anogan_ray.model import load_bundle
+        from anogan_ray.core.model import load_bundle
 
         bundle = load_bundle(model)
     need = "needs the patch table (--patches) and the model bundle (--model)"
@@ -517,7 +505,7 @@ def report(
         skipped["top_k"] = need
     else:
         top = ranked.head(top_k)
-        z = _latents(scores, list(top["patch_id"]))
+        z = _latents(scores, key, list(top["patch_id"]))
         if z is None:
             skipped["top_k"] = "the score table has no stored z (score.save_z=true) to draw G(z)"
         else:
@@ -555,7 +543,7 @@ def report(
     else:
         top = ranked.head(marker_patches)
         pixels = _pixels_for(patches, list(top["patch_id"]))
-        z = _latents(scores, list(top["patch_id"]))
+        z = _latents(scores, key, list(top["patch_id"]))
         if z is not None:  # residual maps x - G(z): what the model could not explain
             basis = "signed residual maps x - G(z) (residual_features)"
             features = residual_features(decode_pixels(pixels) - _reconstruct(bundle, z))

@@ -46,9 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anogan_ray.baselines import acae_score
-from anogan_ray.model import Discriminator, Generator, ModelBundle, sample_latent
-from anogan_ray.patches import patch_seed
+from anogan_ray.core.baselines import acae_score
+from anogan_ray.core.model import Discriminator, Generator, ModelBundle, sample_latent
+from anogan_ray.tables import patch_seed
 
 log = logging.getLogger(__name__)
 

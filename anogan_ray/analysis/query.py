@@ -6,6 +6,10 @@ through :mod:`anogan_ray.storage` and registered with DuckDB as the view ``score
 code reads local and remote tables (DuckDB's own httpfs is not needed) and DuckDB pushes filters
 and column selection down into the Parquet scan. Several folders are read as one table, their
 columns united by name.
+
+A table may hold several scoring keys (models, λ, Γ, z's rate, mappings): top-k and aggregates
+read exactly one (:func:`anogan_ray.tables.select_key`; ``keys`` lists them), ``sql`` sees every
+row.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from collections.abc import Sequence
 import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from anogan_ray import storage
+from anogan_ray.tables import KEY_COLUMNS, ScoringKey, TableError, open_dataset, select_key
 
 # The scores a user ranks or aggregates by; p_d is D's "real" probability (low = anomalous).
 SCORE_COLUMNS = (
@@ -39,75 +43,44 @@ LEVELS = ("volume", "subject")
 FORMATS = ("table", "csv", "parquet", "json")
 
 
-class QueryError(ValueError):
-    """A score table that cannot be read, a column that does not exist, or SQL that fails."""
-
-
 def _as_list(urls: str | Sequence[str]) -> list[str]:
     return [urls] if isinstance(urls, str) else list(urls)
 
 
-def _hive_keys(base: str, file_url: str) -> list[str]:
-    """``key`` of every ``key=value`` folder between ``base`` and the file."""
-    relative = file_url[len(base) :].strip("/").split("/")[:-1]
-    return [part.split("=", 1)[0] for part in relative if "=" in part]
+def connect(urls: str | Sequence[str], key: str | dict | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the score table(s) registered as the view ``scores``.
 
-
-def open_dataset(urls: str | Sequence[str], what: str = "score table") -> ds.Dataset:
-    """Open one or more Parquet folders (local or s3, hive-partitioned or not) as one dataset.
-
-    Columns are united by name (a column missing from some files reads as null); a partition key
-    (``split=test``) that the files do not already hold becomes a string column.
-
-    Raises:
-        QueryError: a location holds no Parquet files, or a file cannot be read.
+    With ``key`` the view holds the rows of the one scoring key that ``key`` selects (an error
+    lists the keys present when it selects none or several); without it, every row.
     """
-    children = []
-    for url in _as_list(urls):
-        url = url.rstrip("/")
-        files = storage.list_files(url, ".parquet")
-        if not files:
-            raise QueryError(
-                f"{what} {url}: no Parquet files there; expected the output folder of "
-                f"`anogan-ray {'score' if what == 'score table' else 'preprocess'}`"
-            )
-        fs, base = storage.arrow_filesystem(url)
-        paths = [storage.filesystem(f)[1] for f in files]
-        try:
-            schemas = [pq.read_schema(p, filesystem=fs) for p in paths]
-        except (OSError, pa.ArrowInvalid) as err:
-            raise QueryError(f"{what} {url}: cannot read a Parquet file ({err})") from err
-        names = set().union(*(s.names for s in schemas))
-        keys = {k for p in paths for k in _hive_keys(base, p) if k not in names}
-        partition_schema = pa.schema([(k, pa.string()) for k in sorted(keys)])
-        try:
-            schema = pa.unify_schemas([*schemas, partition_schema], promote_options="permissive")
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-            raise QueryError(f"{what} {url}: files disagree on column types ({err})") from err
-        children.append(
-            ds.dataset(
-                paths,
-                schema=schema,
-                format="parquet",
-                filesystem=fs,
-                partitioning=ds.partitioning(partition_schema, flavor="hive") if keys else None,
-                partition_base_dir=base,
-            )
-        )
-    if len(children) == 1:
-        return children[0]
-    try:
-        schema = pa.unify_schemas([c.schema for c in children], promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise QueryError(f"{what}s {', '.join(urls)}: columns disagree on type ({err})") from err
-    return ds.dataset([c.replace_schema(schema) for c in children], schema=schema)
-
-
-def connect(urls: str | Sequence[str]) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the score table(s) registered as the view ``scores``."""
+    dataset = open_dataset(urls)
     con = duckdb.connect()
-    con.register("scores", open_dataset(urls))
+    if key is None:
+        con.register("scores", dataset)
+        return con
+    chosen = select_key(dataset, key, f"score table {', '.join(_as_list(urls))}")
+    con.register("all_scores", dataset)
+    con.execute(f"CREATE VIEW scores AS SELECT * FROM all_scores WHERE {_sql_match(chosen)}")
     return con
+
+
+def _sql_match(key: ScoringKey) -> str:
+    """A SQL condition selecting ``key``'s rows (values from the table itself, quoted)."""
+
+    def literal(value: object) -> str:
+        return "'" + value.replace("'", "''") + "'" if isinstance(value, str) else repr(value)
+
+    return " AND ".join(f'"{c}" = {literal(v)}' for c, v in key.row().items())
+
+
+def keys(scores: str | Sequence[str]) -> pa.Table:
+    """The scoring keys a score table holds, with their row counts (``query --keys``)."""
+    urls = _as_list(scores)
+    group = ", ".join(f'"{c}"' for c in KEY_COLUMNS)
+    table = _run(connect(urls), f"SELECT {group}, COUNT(*) AS patches FROM scores "
+                 f"GROUP BY {group} ORDER BY {group}", [], urls)  # fmt: skip
+    names = [str(ScoringKey(*row.values())) for row in table.select(KEY_COLUMNS).to_pylist()]
+    return table.append_column("key", pa.array(names, pa.string()))
 
 
 def columns(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -119,7 +92,7 @@ def _check_columns(con: duckdb.DuckDBPyConnection, wanted: Sequence[str], urls: 
     available = columns(con)
     for name in wanted:
         if name not in available:
-            raise QueryError(
+            raise TableError(
                 f"column {name!r} is not in score table {', '.join(urls)}; "
                 f"available: {', '.join(available)}"
             )
@@ -129,19 +102,12 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params: list, urls: Sequence[
     try:
         return con.sql(sql, params=params or None).to_arrow_table()
     except duckdb.Error as err:
-        raise QueryError(f"query over {', '.join(urls)} failed: {err}\nSQL: {sql}") from err
+        raise TableError(f"query over {', '.join(urls)} failed: {err}\nSQL: {sql}") from err
 
 
-def _filters(
-    subject: str | None, volume: str | None, split: str | None, model_id: str | None
-) -> tuple[str, list]:
+def _filters(subject: str | None, volume: str | None, split: str | None) -> tuple[str, list]:
     clauses, params = [], []
-    for column, value in (
-        ("subject_id", subject),
-        ("volume_id", volume),
-        ("split", split),
-        ("model_id", model_id),
-    ):
+    for column, value in (("subject_id", subject), ("volume_id", volume), ("split", split)):
         if value is not None:
             clauses.append(f'"{column}" = ?')
             params.append(value)
@@ -155,7 +121,7 @@ def top_k(
     subject: str | None = None,
     volume: str | None = None,
     split: str | None = None,
-    model_id: str | None = None,
+    key: str | dict | None = None,
 ) -> pa.Table:
     """The ``k`` most anomalous patches, most anomalous first (ties broken by ``patch_id``).
 
@@ -163,12 +129,14 @@ def top_k(
         scores: score table folder(s), local or s3.
         k: how many patches.
         score: the column to rank by; for ``p_d`` the lowest probability ranks first.
-        subject, volume, split, model_id: keep only rows with these values.
+        subject, volume, split: keep only rows with these values.
+        key: the scoring key (text or fields, see :func:`anogan_ray.tables.select_key`); may be
+            left out when the table holds one.
     """
     urls = _as_list(scores)
-    con = connect(urls)
+    con = connect(urls, key or {})
     _check_columns(con, [score], urls)
-    where, params = _filters(subject, volume, split, model_id)
+    where, params = _filters(subject, volume, split)
     order = "ASC" if score == "p_d" else "DESC"
     shown = ", ".join(f'"{c}"' for c in columns(con) if c != "z")  # z is long and unreadable
     sql = (
@@ -184,22 +152,23 @@ def aggregate(
     threshold: float | None = None,
     score: str = "anomaly_score",
     split: str | None = None,
-    model_id: str | None = None,
+    key: str | dict | None = None,
 ) -> pa.Table:
     """Per-volume or per-subject summary of patch scores, most anomalous first.
 
     Columns: ``subject_id`` (``volume_id``), ``model_id``, ``patches``, ``max_score``,
     ``mean_score``, ``above_threshold`` and ``share_above_threshold`` (null without a threshold;
     a patch is above when its score is greater than the threshold), ``anomalous_patches`` and
-    ``labelled_patches`` (from the annotation labels).
+    ``labelled_patches`` (from the annotation labels); one scoring key's rows (``key``, as in
+    :func:`top_k`).
     """
     if level not in LEVELS:
-        raise QueryError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
+        raise TableError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
     urls = _as_list(scores)
-    con = connect(urls)
+    con = connect(urls, key or {})
     _check_columns(con, [score], urls)
     keys = ["subject_id", "volume_id"] if level == "volume" else ["subject_id"]
-    where, params = _filters(None, None, split, model_id)
+    where, params = _filters(None, None, split)
     if threshold is None:
         above, share = "CAST(NULL AS BIGINT)", "CAST(NULL AS DOUBLE)"
     else:
@@ -275,7 +244,7 @@ def write_result(table: pa.Table, url: str | None = None, fmt: str | None = None
             suffix, "table"
         )
     if fmt not in FORMATS:
-        raise QueryError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise TableError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "table":
         text = format_table(table, max_rows=table.num_rows if url else 50) + "\n"
     elif fmt == "json":
@@ -287,7 +256,7 @@ def write_result(table: pa.Table, url: str | None = None, fmt: str | None = None
         text = buffer.getvalue().decode()
     else:
         if url is None:
-            raise QueryError("format parquet needs an output file (--out result.parquet)")
+            raise TableError("format parquet needs an output file (--out result.parquet)")
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         storage.write_bytes(url, buffer.getvalue())

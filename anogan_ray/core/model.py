@@ -313,7 +313,7 @@ def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
         model_cfg = config_from_dict({"model": config["model"]}).model
     except (ConfigError, KeyError) as err:
         raise BundleError(f"model bundle {url}: incompatible model config ({err})") from err
-    from anogan_ray.baselines import AdversarialAutoencoder, PCABaseline
+    from anogan_ray.core.baselines import AdversarialAutoencoder, PCABaseline
 
     generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
     modules = [(generator, "generator.pt"), (discriminator, "discriminator.pt")]

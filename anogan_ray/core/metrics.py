@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import auc as area_under_curve
-from sklearn.metrics import roc_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
-from anogan_ray import query, storage
+from anogan_ray import storage, tables
 
 # Short names (the paper's) -> score table columns, in the order of the paper's Table 1 (the
 # baselines first, AnoGAN's scores, then the PCA baseline).
@@ -178,6 +177,19 @@ def threshold_value(record: dict[str, Any], column: str = "anomaly_score", level
 # ---------------------------------------------------------------------------------------------
 
 
+def auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """ROC AUC (scikit-learn's) of scores oriented higher = more anomalous: the one AUC function.
+
+    Cases with label -1 or a non-finite score are left out; NaN unless both classes remain.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    keep = (y >= 0) & np.isfinite(values)
+    if len(np.unique(y[keep])) < 2:
+        return math.nan
+    return float(roc_auc_score(y[keep], values[keep]))
+
+
 def paper_table(
     scores: Sequence[float] | np.ndarray,
     labels: Sequence[int] | np.ndarray,
@@ -192,12 +204,7 @@ def paper_table(
     y = np.asarray(labels, dtype=np.int64)
     keep = (y >= 0) & np.isfinite(values)
     values, y = values[keep], y[keep]
-    row: dict[str, float] = {"n": int(y.size), "n_anomalous": int(y.sum())}
-    if y.size and 0 < y.sum() < y.size:
-        fpr, tpr, _ = roc_curve(y, values)
-        row["auc"] = float(area_under_curve(fpr, tpr))
-    else:
-        row["auc"] = math.nan
+    row: dict[str, float] = {"n": int(y.size), "n_anomalous": int(y.sum()), "auc": auc(values, y)}
 
     def ratio(a: int, b: int) -> float:
         return a / b if b else math.nan
@@ -224,36 +231,26 @@ def paper_table(
 
 
 def read_scores(
-    scores: str | Sequence[str], splits: Sequence[str] | None = None, model_id: str | None = None
+    scores: str | Sequence[str], splits: Sequence[str] | None = None, key: str | dict | None = None
 ) -> pd.DataFrame:
-    """The score table's ids, labels and scores (no ``z``) as a DataFrame, one model only.
+    """One scoring key's ids, labels and scores (no ``z``) as a DataFrame.
 
     Raises:
-        MetricsError: the table holds several models and ``model_id`` does not pick one.
+        TableError: the table holds several scoring keys and ``key`` does not pick one.
     """
-    con = query.connect(scores)
-    available = query.columns(con)
     wanted = ["patch_id", "subject_id", "volume_id", "bscan", "y", "x", "split", "label"]
-    missing = [c for c in wanted + ["model_id"] if c not in available]
+    columns = [*wanted, "anomaly_fraction", *SCORES.values(), *tables.KEY_COLUMNS]
+    frame, _ = tables.read_scores(scores, key, columns=columns, splits=splits)
+    missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise MetricsError(f"score table {scores}: missing column(s) {', '.join(missing)}")
-    present = [c for c in SCORES.values() if c in available]
-    extra = [c for c in ("anomaly_fraction",) if c in available]
-    select = ", ".join(f'"{c}"' for c in wanted + extra + present + ["model_id"])
-    frame = con.execute(f"SELECT {select} FROM scores").df()
-    if splits is not None:
-        frame = frame[frame["split"].isin(list(splits))]
-    models = sorted(frame["model_id"].dropna().unique())
-    if model_id is not None:
-        frame = frame[frame["model_id"] == model_id]
-        if frame.empty:
-            raise MetricsError(f"score table {scores}: no rows of model_id {model_id!r}")
-    elif len(models) > 1:
-        raise MetricsError(
-            f"score table {scores} holds several models ({', '.join(models)}); pick one with "
-            "model_id"
-        )
     return frame.reset_index(drop=True)
+
+
+def key_text(frame: pd.DataFrame) -> str:
+    """The scoring key of a one-key frame from :func:`read_scores`, as text."""
+    row = frame.iloc[0]
+    return str(tables.ScoringKey(*(row[c] for c in tables.KEY_COLUMNS)))
 
 
 def score_columns(frame: pd.DataFrame) -> list[str]:
@@ -302,7 +299,7 @@ def calibrate(
     method: str = "percentile",
     percentile: float = 99.0,
     split: str = "val",
-    model_id: str | None = None,
+    key: str | dict | None = None,
     aggregate: str = "max",
 ) -> dict[str, Any]:
     """Calibrate thresholds for every score and level on one split and (optionally) store them.
@@ -312,13 +309,13 @@ def calibrate(
         out: a model bundle folder (or ``.json`` path) to store ``threshold.json`` in.
         method, percentile: see :func:`calibrate_threshold`.
         split: the validation split (healthy subjects in the unsupervised setting).
-        model_id: which model's rows, when the table holds several.
+        key: which scoring key's rows, when the table holds several (``tables.select_key``).
         aggregate: how patch scores become volume / subject scores.
 
     Returns:
         The threshold record; ``record["threshold"]`` is the patch-level A threshold.
     """
-    frame = read_scores(scores, splits=[split], model_id=model_id)
+    frame = read_scores(scores, splits=[split], key=key)
     if frame.empty:
         raise MetricsError(
             f"score table {scores}: no {split!r} rows to calibrate on; score that split "
@@ -333,6 +330,7 @@ def calibrate(
         }
     record = {
         "model_id": str(frame["model_id"].iloc[0]),
+        "key": key_text(frame),
         "split": split,
         "method": method,
         "percentile": float(percentile),
@@ -351,7 +349,7 @@ def evaluate(
     threshold: float | str | None = None,
     level: str = "patch",
     split: str = "test",
-    model_id: str | None = None,
+    key: str | dict | None = None,
     aggregate: str = "max",
     method: str = "percentile",
     percentile: float = 99.0,
@@ -366,14 +364,14 @@ def evaluate(
             ``calibration_split`` with ``method`` / ``percentile`` (not stored).
         level: ``patch``, ``volume`` or ``subject``.
         split: the labelled split to evaluate.
-        model_id: which model's rows, when the table holds several.
+        key: which scoring key's rows, when the table holds several (``tables.select_key``).
         aggregate: ``max`` or ``mean`` of patch scores per volume / subject.
 
     Returns:
         ``{"level", "split", "model_id", "n", "n_anomalous", "threshold_source", "scores":
         {short name: {"column", "auc", "precision", ..., "roc": {"fpr", "tpr"}}}}``.
     """
-    frame = read_scores(scores, model_id=model_id)
+    frame = read_scores(scores, key=key)
     evaluated = at_level(frame[frame["split"] == split], level, aggregate)
     evaluated = evaluated[evaluated["label"] >= 0]
     if evaluated.empty or evaluated["label"].nunique() < 2:
@@ -424,6 +422,7 @@ def evaluate(
         "split": split,
         "aggregate": aggregate if level != "patch" else None,
         "model_id": str(frame["model_id"].iloc[0]),
+        "key": key_text(frame),
         "n": int(len(evaluated)),
         "n_anomalous": int((evaluated["label"] == 1).sum()),
         "threshold_source": source,

@@ -6,7 +6,7 @@ owns DDP, data sharding and shuffling, checkpoints (every module's and optimizer
 under the module's name), resume, failure handling, progress and reports.
 
 - ``gan``: AnoGAN's DCGAN, G and D (the paper's eq. (1)).
-- ``acae``: the adversarial convolutional autoencoder baseline (:mod:`anogan_ray.baselines`).
+- ``acae``: the adversarial convolutional autoencoder baseline (:mod:`anogan_ray.core.baselines`).
 - ``encoder``: f-AnoGAN's encoder E (izi_f), trained with the exported G and D frozen.
 """
 
@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from anogan_ray.baselines import acae_step, build_acae
 from anogan_ray.config import ModelConfig, TrainConfig
-from anogan_ray.model import Encoder, build_models, init_weights, sample_latent
+from anogan_ray.core.baselines import acae_step, build_acae
+from anogan_ray.core.model import Encoder, build_models, init_weights, sample_latent
 
 Modules = dict[str, nn.Module]
 Optimizers = dict[str, torch.optim.Optimizer]

@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from anogan_ray import volumes
 from anogan_ray.config import PreprocessConfig
-from anogan_ray.patches import LABEL_UNKNOWN, encode_pixels, patch_id
-from anogan_ray.volumes import VolumeError
+from anogan_ray.data import volumes
+from anogan_ray.data.volumes import VolumeError
+from anogan_ray.tables import LABEL_UNKNOWN, encode_pixels, patch_id
 
 BACKGROUND = -1.0  # value of pixels shifted in from outside the frame (black)
 
@@ -412,7 +412,7 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
     """Read one manifest row's volume (and mask) and turn it into patch-table columns.
 
     Args:
-        record: a row of :func:`anogan_ray.volumes.read_manifest` as a dict.
+        record: a row of :func:`anogan_ray.data.volumes.read_manifest` as a dict.
         cfg: the preprocess configuration.
 
     Raises:

@@ -1,0 +1,337 @@
+"""The file contracts between stages (DESIGN.md §3): the one place that knows them.
+
+- The patch table: one row per 64 x 64 patch, ``pixels`` stored as uint8 (a Ray Data tensor column
+  of shape (64, 64)) that the models see decoded to float32 in [-1, 1] (the pixel codec below).
+- The score table: the patch table's columns but ``pixels``, plus scores, keyed by
+  (``patch_id``, scoring key); a table may hold several scoring keys (models, λ, Γ, z's rate,
+  mappings), and every reader selects exactly one (:func:`select_key`).
+- One reader per table: :func:`read_patch_table` (Ray Data, for the pipelines),
+  :func:`open_dataset` (pyarrow, for analysis; DuckDB registers it), :func:`read_scores`.
+
+Importing this module does not import Ray (the torch core uses the patch ids and the codec).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from anogan_ray import storage
+
+if TYPE_CHECKING:
+    import ray.data
+
+PATCH_SIZE = 64
+# Columns of the patch table, in order. `pixels` is the only column the score table drops.
+PATCH_COLUMNS = (
+    "patch_id",  # str, deterministic: volume_id/bscan/y/x
+    "subject_id",  # str
+    "volume_id",  # str
+    "bscan",  # int32, B-scan index in the volume (0 for a single 2-D image)
+    "y",  # int32, top-left row in the flattened, resampled frame
+    "x",  # int32, top-left column in the flattened, resampled frame
+    "split",  # str: train / val / test
+    "pixels",  # uint8 [64, 64]
+    "label",  # int8: -1 unknown, 0 healthy, 1 any annotated pixel in the patch
+    "anomaly_fraction",  # float32, share of annotated pixels (NaN when there is no mask)
+    "source",  # str, the input URL
+)
+
+LABEL_UNKNOWN = -1
+
+# The scoring key: a score row is unique per (patch_id, *KEY_COLUMNS).
+KEY_COLUMNS = ("model_id", "lambda", "steps", "z_lr", "mapping")
+
+
+class TableError(ValueError):
+    """A table that cannot be read as asked: no files, unreadable files, an ambiguous key."""
+
+
+def patch_id(volume_id: str, bscan: int, y: int, x: int) -> str:
+    """The patch's id: the same volume, B-scan and position always give the same id."""
+    return f"{volume_id}/b{bscan:04d}/y{y:04d}x{x:04d}"
+
+
+def patch_seed(pid: str) -> int:
+    """A 63-bit seed derived from a patch id (seeds z, so a patch scores the same everywhere)."""
+    return int.from_bytes(hashlib.sha256(pid.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pixel codec
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_pixels(image: np.ndarray) -> np.ndarray:
+    """Float image in [-1, 1] -> uint8 for storage."""
+    return np.clip(np.rint((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def decode_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Stored uint8 pixels -> float32 in [-1, 1]; same shape."""
+    return np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0
+
+
+def pixels_from_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A patch table's ``pixels`` column read with pyarrow -> uint8 array (N, 64, 64).
+
+    Accepts Ray's tensor extension type (registered or read as its storage), (large/fixed-size)
+    lists of uint8 and 4096-byte binary values.
+    """
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
+        flat = np.frombuffer(b"".join(array.to_pylist()), dtype=np.uint8)
+    elif pa.types.is_fixed_size_binary(array.type):
+        width = array.type.byte_width
+        flat = np.frombuffer(array.buffers()[1], np.uint8)[
+            array.offset * width : (array.offset + len(array)) * width
+        ]
+    else:
+        while (
+            pa.types.is_list(array.type)
+            or pa.types.is_large_list(array.type)
+            or pa.types.is_fixed_size_list(array.type)
+        ):
+            array = array.flatten()
+        flat = array.to_numpy(zero_copy_only=False).astype(np.uint8, copy=False)
+    return flat.reshape(-1, PATCH_SIZE, PATCH_SIZE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_list(urls: str | Sequence[str]) -> list[str]:
+    return [urls] if isinstance(urls, str) else list(urls)
+
+
+def _hive_keys(base: str, file_url: str) -> list[str]:
+    """``key`` of every ``key=value`` folder between ``base`` and the file."""
+    relative = file_url[len(base) :].strip("/").split("/")[:-1]
+    return [part.split("=", 1)[0] for part in relative if "=" in part]
+
+
+def patch_table_url(url: str) -> str:
+    """The ``patches`` folder of a preprocess stage folder (or ``url`` itself)."""
+    inner = storage.join(url, "patches")
+    return inner if storage.exists(inner) else url
+
+
+def read_patch_table(url: str, splits: Sequence[str] | None = None) -> ray.data.Dataset:
+    """The patch table written by ``preprocess`` as a Ray dataset, with the ``split`` column.
+
+    Args:
+        url: the preprocess stage folder, or its ``patches`` folder.
+        splits: keep only these splits (``None``: all).
+
+    Returns:
+        A dataset with the columns of :data:`PATCH_COLUMNS`; ``pixels`` is a ``(64, 64)`` uint8
+        tensor column.
+    """
+    import ray
+    from ray.data.datasource.partitioning import Partitioning
+
+    from anogan_ray.pipelines import ensure_ray
+
+    ensure_ray()
+    url = patch_table_url(url)
+    # list the files once ourselves (one listing call; Ray's own discovery is slow on s3fs)
+    files = storage.list_files(url, ".parquet")
+    if splits is not None:
+        wanted = {f"split={split}" for split in splits}
+        files = [f for f in files if any(part in wanted for part in f.split("/"))]
+    if not files:
+        raise FileNotFoundError(f"no patch table files under {url} (splits: {splits or 'all'})")
+    fs, path = storage.arrow_filesystem(url)
+    paths = [storage.arrow_filesystem(f)[1] for f in files]
+    dataset = ray.data.read_parquet(
+        paths, filesystem=fs, partitioning=Partitioning("hive", base_dir=path, filesystem=fs)
+    )
+    return dataset.select_columns(list(PATCH_COLUMNS))
+
+
+def open_dataset(urls: str | Sequence[str], what: str = "score table") -> ds.Dataset:
+    """Open one or more Parquet folders (local or s3, hive-partitioned or not) as one dataset.
+
+    Columns are united by name (a column missing from some files reads as null); a partition key
+    (``split=test``) that the files do not already hold becomes a string column.
+
+    Raises:
+        TableError: a location holds no Parquet files, or a file cannot be read.
+    """
+    children = []
+    for url in _as_list(urls):
+        url = url.rstrip("/")
+        files = storage.list_files(url, ".parquet")
+        if not files:
+            raise TableError(
+                f"{what} {url}: no Parquet files there; expected the output folder of "
+                f"`anogan-ray {'score' if what == 'score table' else 'preprocess'}`"
+            )
+        fs, base = storage.arrow_filesystem(url)
+        paths = [storage.filesystem(f)[1] for f in files]
+        try:
+            schemas = [pq.read_schema(p, filesystem=fs) for p in paths]
+        except (OSError, pa.ArrowInvalid) as err:
+            raise TableError(f"{what} {url}: cannot read a Parquet file ({err})") from err
+        names = set().union(*(s.names for s in schemas))
+        keys = {k for p in paths for k in _hive_keys(base, p) if k not in names}
+        partition_schema = pa.schema([(k, pa.string()) for k in sorted(keys)])
+        try:
+            schema = pa.unify_schemas([*schemas, partition_schema], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise TableError(f"{what} {url}: files disagree on column types ({err})") from err
+        children.append(
+            ds.dataset(
+                paths,
+                schema=schema,
+                format="parquet",
+                filesystem=fs,
+                partitioning=ds.partitioning(partition_schema, flavor="hive") if keys else None,
+                partition_base_dir=base,
+            )
+        )
+    if len(children) == 1:
+        return children[0]
+    try:
+        schema = pa.unify_schemas([c.schema for c in children], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise TableError(f"{what}s {', '.join(urls)}: columns disagree on type ({err})") from err
+    return ds.dataset([c.replace_schema(schema) for c in children], schema=schema)
+
+
+def read_committed(url: str, columns: Sequence[str], where: ds.Expression | None) -> pa.Table:
+    """Rows of a table the score stage commits to (empty, string-typed, when there is none yet)."""
+    files = storage.list_files(url, ".parquet")
+    if not files:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    fs, _ = storage.arrow_filesystem(url)
+    dataset = ds.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+    return dataset.to_table(columns=list(columns), filter=where)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scoring key: which model and setting a score row belongs to
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoringKey:
+    """Model and mapping setting of a score row; a table may hold rows of several keys.
+
+    Its text form (``str(key)``, printed by ``score`` and ``query --keys``) is
+    ``model_id=<id>,lambda=0.1,steps=500,z_lr=0.01,mapping=iterative``; any subset of these
+    fields selects the keys that match it.
+    """
+
+    model_id: str
+    lambda_: float
+    steps: int
+    z_lr: float
+    mapping: str
+
+    def __str__(self) -> str:
+        return ",".join(f"{column}={value}" for column, value in self.row().items())
+
+    def row(self) -> dict[str, Any]:
+        """Column name -> value, in :data:`KEY_COLUMNS` order."""
+        values = (self.model_id, self.lambda_, self.steps, self.z_lr, self.mapping)
+        return dict(zip(KEY_COLUMNS, values, strict=True))
+
+    def expression(self) -> ds.Expression:
+        """A pyarrow filter that keeps this key's rows."""
+        terms = [ds.field(column) == value for column, value in self.row().items()]
+        return functools.reduce(operator.and_, terms)
+
+
+def parse_key(text: str) -> dict[str, Any]:
+    """``"lambda=0.1,mapping=encoder"`` -> ``{"lambda": 0.1, "mapping": "encoder"}`` (typed)."""
+    types = {"model_id": str, "lambda": float, "steps": int, "z_lr": float, "mapping": str}
+    wanted: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        column, sep, value = part.partition("=")
+        if not sep or column not in types:
+            raise TableError(
+                f"scoring key {text!r}: {part!r} is not <field>=<value> with a field of "
+                f"{', '.join(KEY_COLUMNS)}"
+            )
+        try:
+            wanted[column] = types[column](value)
+        except ValueError as err:
+            raise TableError(f"scoring key {text!r}: {column} {value!r} ({err})") from err
+    return wanted
+
+
+def scoring_keys(dataset: ds.Dataset) -> list[ScoringKey]:
+    """The distinct scoring keys of a score (or rejects) table, sorted."""
+    missing = [c for c in KEY_COLUMNS if c not in dataset.schema.names]
+    if missing:
+        raise TableError(f"not a score table: missing key column(s) {', '.join(missing)}")
+    distinct = dataset.to_table(columns=list(KEY_COLUMNS)).group_by(list(KEY_COLUMNS)).aggregate([])
+    keys = [ScoringKey(*(row[c] for c in KEY_COLUMNS)) for row in distinct.to_pylist()]
+    return sorted(keys, key=str)
+
+
+def select_key(
+    dataset: ds.Dataset, wanted: str | dict[str, Any] | None = None, where: str = "score table"
+) -> ScoringKey:
+    """The one scoring key of ``dataset`` that matches ``wanted`` (a key text or its fields).
+
+    Raises:
+        TableError: no key matches, or several do (the message lists the keys present).
+    """
+    fields = parse_key(wanted) if isinstance(wanted, str) else dict(wanted or {})
+    fields = {c: v for c, v in fields.items() if v is not None}
+    keys = scoring_keys(dataset)
+    matching = [k for k in keys if all(k.row()[c] == v for c, v in fields.items())]
+    if len(matching) == 1:
+        return matching[0]
+    listing = "\n  ".join(str(k) for k in keys) or "(none: the table is empty)"
+    asked = ",".join(f"{c}={v}" for c, v in fields.items()) or "no key"
+    problem = "no scoring key matches" if not matching else "several scoring keys match"
+    raise TableError(
+        f"{where}: {problem} {asked}; choose one with --key (or --lambda, --steps, --z-lr, "
+        f"--mapping, --model-id). Keys present:\n  {listing}"
+    )
+
+
+def read_scores(
+    urls: str | Sequence[str],
+    key: str | dict[str, Any] | None = None,
+    columns: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+    where: ds.Expression | None = None,
+) -> tuple[pd.DataFrame, ScoringKey]:
+    """One scoring key's rows of score table(s) as a DataFrame, and that key.
+
+    Args:
+        urls: score table folder(s), local or s3.
+        key: which key (see :func:`select_key`); may be left out when the table holds one.
+        columns: columns to read (default: all but ``z``); missing ones are left out.
+        splits: keep only these splits.
+        where: and only the rows this filter keeps.
+    """
+    dataset = open_dataset(urls)
+    chosen = select_key(dataset, key, f"score table {', '.join(_as_list(urls))}")
+    names = dataset.schema.names
+    wanted = [c for c in (columns or [c for c in names if c != "z"]) if c in names]
+    keep = chosen.expression()
+    if splits is not None:
+        keep = keep & ds.field("split").isin(list(splits))
+    if where is not None:
+        keep = keep & where
+    frame = dataset.to_table(columns=wanted, filter=keep).to_pandas()
+    return frame, chosen
