@@ -43,7 +43,8 @@ PATCH_COLUMNS = (
     "split",  # str: train / val / test
     "pixels",  # uint8 [64, 64]
     "label",  # int8: -1 unknown, 0 healthy, 1 any annotated pixel in the patch
-    "anomaly_fraction",  # float32, share of annotated pixels (NaN when there is no mask)
+    "anomaly_fraction",  # float32, share of annotated pixels (NaN when unknown)
+    "volume_label",  # int8: the volume's (image's) label, -1 unknown, 0 healthy, 1 pathological
     "source",  # str, the input URL
 )
 
@@ -160,7 +161,8 @@ def read_patch_table(url: str, splits: Sequence[str] | None = None) -> ray.data.
     dataset = ray.data.read_parquet(
         paths, filesystem=fs, partitioning=Partitioning("hive", base_dir=path, filesystem=fs)
     )
-    return dataset.select_columns(list(PATCH_COLUMNS))
+    present = set(dataset.schema().names)  # volume_label is absent from older tables
+    return dataset.select_columns([c for c in PATCH_COLUMNS if c in present])
 
 
 def open_dataset(urls: str | Sequence[str], what: str = "score table") -> ds.Dataset:

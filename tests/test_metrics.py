@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
@@ -97,3 +98,35 @@ def test_evaluate_without_labels_says_why(scored_cohort):
     with pytest.raises(metrics.MetricsError, match="no threshold record"):
         metrics.evaluate(scored_cohort["scores"], threshold=scored_cohort["root"] + "/nowhere")
     assert math.isnan(metrics.paper_table([1.0, 2.0], [0, 0])["auc"])
+
+
+def test_image_level_labels_are_evaluated_per_volume(scored_cohort, tmp_path):
+    """A cohort labelled per image (no masks): healthy volumes' patches 0, pathological volumes'
+    patches unknown; evaluate says so and reports the volume-level table."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    table = ds.dataset(scored_cohort["scores"], format="parquet", partitioning="hive").to_table()
+    frame = table.to_pandas()
+    pathological = frame["subject_id"].str.startswith("p")
+    frame["volume_label"] = np.where(pathological, 1, 0).astype(np.int8)
+    frame["label"] = np.where(pathological, -1, 0).astype(np.int8)
+    frame["anomaly_fraction"] = np.where(pathological, np.nan, 0.0)
+    (tmp_path / "scores").mkdir()
+    pq.write_table(
+        pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "scores" / "a.parquet"
+    )
+    result = metrics.evaluate(str(tmp_path / "scores"))
+    test = frame[frame["split"] == "test"]
+    assert result["level"] == "volume" and result["aggregate"] == "max"
+    assert "evaluated per volume" in result["note"]
+    assert result["n"] == test["volume_id"].nunique()
+    assert result["n_anomalous"] == test[test["volume_label"] == 1]["volume_id"].nunique()
+    assert "note: " in metrics.format_paper_table(result)
+    # the volume score is the max of its patch scores; AUC as scikit-learn computes it
+    volumes = test.groupby("volume_id").agg(
+        score=("anomaly_score", "max"), label=("volume_label", "max")
+    )
+    assert result["scores"]["A"]["auc"] == pytest.approx(
+        roc_auc_score(volumes["label"], volumes["score"])
+    )

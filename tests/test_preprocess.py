@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from anogan_ray import storage
+from anogan_ray.config import PreprocessConfig
 from anogan_ray.data import phantom
 from anogan_ray.data.volumes import ManifestError
 from anogan_ray.pipelines.preprocess import preprocess
@@ -146,3 +147,27 @@ def test_bad_manifest_fails_before_any_work(tmp_path, tiny_config):
     with pytest.raises(ManifestError, match="row 2, column 'volume_id'"):
         preprocess(str(manifest), str(tmp_path / "out"), tiny_config.preprocess)
     assert not (tmp_path / "out").exists()
+
+
+def test_image_level_labels_flow_from_the_manifest(ray_local, tmp_path):
+    """No masks, one label per image (or none): 0 -> healthy patches; 1 -> the volume is
+    pathological, its patches unknown; blank -> unknown everywhere."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for name, label in (("healthy", "0"), ("sick", "1"), ("unlabelled", "")):
+        Image.fromarray((rng.random((96, 96)) * 255).astype(np.uint8)).save(
+            tmp_path / f"{name}.png"
+        )
+        rows.append(f"s-{name},{name},{name}.png,image,test,{label}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("subject_id,volume_id,path,modality,split,label\n" + "\n".join(rows) + "\n")
+    preprocess(str(manifest), str(tmp_path / "out"), PreprocessConfig(grid_stride=32))
+    table = _table(str(tmp_path / "out"))
+    by_volume = table.groupby("volume_id").agg(
+        label=("label", "unique"), volume=("volume_label", "unique")
+    )
+    assert [list(v) for v in by_volume.loc["healthy"]] == [[0], [0]]
+    assert [list(v) for v in by_volume.loc["sick"]] == [[-1], [1]]
+    assert [list(v) for v in by_volume.loc["unlabelled"]] == [[-1], [-1]]

@@ -187,6 +187,51 @@ def test_volume_without_mask_has_unknown_labels(pathological_files):
     assert np.isnan(result.columns["anomaly_fraction"]).all()
 
 
+@pytest.mark.parametrize("label", [0, 1])
+def test_a_manifest_label_without_a_mask_labels_the_volume(pathological_files, label):
+    """Image-level labels (most public sets): 0 makes every patch healthy; 1 marks the volume,
+    its patches stay unknown (where in the image is not known)."""
+    volume_url, _, _ = pathological_files
+    record = {**_record(volume_url, None, "test"), "label": label}
+    columns = retina.preprocess_volume(record, PreprocessConfig()).columns
+    assert np.all(columns["volume_label"] == label)
+    assert np.all(columns["label"] == (0 if label == 0 else -1))
+    assert (
+        np.all(columns["anomaly_fraction"] == 0)
+        if label == 0
+        else np.isnan(columns["anomaly_fraction"]).all()
+    )
+
+
+def test_a_label_that_contradicts_the_mask_is_refused(pathological_files):
+    volume_url, mask_url, _ = pathological_files
+    with pytest.raises(VolumeError, match="label 0 contradicts the mask"):
+        retina.preprocess_volume(
+            {**_record(volume_url, mask_url, "test"), "label": 0}, PreprocessConfig()
+        )
+    labelled = {**_record(volume_url, mask_url, "test"), "label": 1}
+    assert np.all(
+        retina.preprocess_volume(labelled, PreprocessConfig()).columns["volume_label"] == 1
+    )
+
+
+@pytest.mark.parametrize("side", [64, 70])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_patch_ids_stay_unique_for_images_near_the_patch_size(tmp_path, side, split):
+    """An image no larger than a patch gives one patch; random training positions that would
+    coincide (more wanted than exist) never give two rows one id."""
+    image = (np.random.default_rng(side).random((side, side)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "small.png")
+    record = _record(str(tmp_path / "small.png"), None, split, modality="image", spacing=None)
+    cfg = PreprocessConfig(patches_per_bscan=100, grid_stride=4)
+    ids = list(retina.preprocess_volume(record, cfg).columns["patch_id"])
+    assert len(ids) == len(set(ids)) >= 1
+    if side == 64:
+        assert len(ids) == 1
+    else:
+        assert len(ids) <= (side - 64 + 1) ** 2
+
+
 def test_normalization_maps_to_unit_range():
     rng = np.random.default_rng(0)
     volume = rng.gamma(2.0, 20.0, size=(2, 80, 90)).astype(np.float32)

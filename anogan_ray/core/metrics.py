@@ -239,7 +239,7 @@ def read_scores(
         TableError: the table holds several scoring keys and ``key`` does not pick one.
     """
     wanted = ["patch_id", "subject_id", "volume_id", "bscan", "y", "x", "split", "label"]
-    columns = [*wanted, "anomaly_fraction", *SCORES.values(), *tables.KEY_COLUMNS]
+    columns = [*wanted, "anomaly_fraction", "volume_label", *SCORES.values(), *tables.KEY_COLUMNS]
     frame, _ = tables.read_scores(scores, key, columns=columns, splits=splits)
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
@@ -265,7 +265,9 @@ def score_columns(frame: pd.DataFrame) -> list[str]:
 def at_level(frame: pd.DataFrame, level: str = "patch", aggregate: str = "max") -> pd.DataFrame:
     """Patch rows, or one row per volume / subject with aggregated (oriented) scores and labels.
 
-    Scores in the result are oriented (higher = more anomalous), at every level.
+    Scores in the result are oriented (higher = more anomalous), at every level. A volume's
+    (subject's) label is 1 when any of its patches is annotated or the manifest labels it 1
+    (``volume_label``), 0 when it is known and neither, -1 otherwise.
     """
     if level not in LEVELS:
         raise MetricsError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
@@ -278,8 +280,11 @@ def at_level(frame: pd.DataFrame, level: str = "patch", aggregate: str = "max") 
     if level == "patch":
         return out
     keys = ["subject_id", "volume_id"] if level == "volume" else ["subject_id"]
-    out["_anomalous"] = (out["label"] == 1).astype(np.int64)
-    out["_known"] = (out["label"] >= 0).astype(np.int64)
+    # a volume (subject) is anomalous when a patch is annotated or the manifest labels it 1
+    volume_label = out["volume_label"] if "volume_label" in out else pd.Series(-1, out.index)
+    volume_label = volume_label.fillna(-1)
+    out["_anomalous"] = ((out["label"] == 1) | (volume_label == 1)).astype(np.int64)
+    out["_known"] = ((out["label"] >= 0) | (volume_label >= 0)).astype(np.int64)
     grouped = out.groupby(keys + ["split"], sort=True)
     result = grouped[columns].agg(aggregate)
     result["patches"] = grouped.size()
@@ -372,8 +377,20 @@ def evaluate(
         {short name: {"column", "auc", "precision", ..., "roc": {"fpr", "tpr"}}}}``.
     """
     frame = read_scores(scores, key=key)
-    evaluated = at_level(frame[frame["split"] == split], level, aggregate)
+    rows = frame[frame["split"] == split]
+    evaluated = at_level(rows, level, aggregate)
     evaluated = evaluated[evaluated["label"] >= 0]
+    note = None
+    if level == "patch" and evaluated["label"].nunique() < 2:
+        by_volume = at_level(rows, "volume", aggregate)
+        by_volume = by_volume[by_volume["label"] >= 0]
+        if by_volume["label"].nunique() == 2:  # labels per image / volume only (no masks)
+            level, evaluated = "volume", by_volume
+            note = (
+                f"the patches of split {split!r} carry no healthy-and-anomalous labels but its "
+                f"volumes do (manifest labels without masks): evaluated per volume, the volume "
+                f"score being the {aggregate} of its patch scores"
+            )
     if evaluated.empty or evaluated["label"].nunique() < 2:
         raise MetricsError(
             f"score table {scores}: split {split!r} at {level} level needs labelled healthy and "
@@ -426,6 +443,7 @@ def evaluate(
         "n": int(len(evaluated)),
         "n_anomalous": int((evaluated["label"] == 1).sum()),
         "threshold_source": source,
+        "note": note,
         "orientation": "higher is anomalous; P_D is evaluated as 1 - p_d",
         "scores": results,
     }
@@ -453,7 +471,8 @@ def format_paper_table(result: dict[str, Any]) -> str:
     strata = any("auc_small" in row for row in result["scores"].values())
     if strata:
         head += f"{'AUC<=3%':>9}{'AUC>5%':>8}"
-    lines = [
+    lines = [f"note: {result['note']}"] if result.get("note") else []
+    lines += [
         f"{result['level']} level, split {result['split']}: {result['n']} cases, "
         f"{result['n_anomalous']} anomalous; thresholds: {result['threshold_source']}",
         head,

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 
 from anogan_ray.config import PreprocessConfig
@@ -408,6 +409,24 @@ class VolumePatches:
 STEPS = ("read", "normalize", "resample", "segment", "flatten", "patch")
 
 
+def _volume_label(label: Any, mask: np.ndarray | None) -> int:
+    """The volume's (image's) label: the manifest's (None / NA / -1: none), else any annotated
+    pixel of the mask.
+
+    Raises:
+        VolumeError: the manifest's label contradicts the mask.
+    """
+    annotated = None if mask is None else int(np.count_nonzero(mask))
+    if label is None or pd.isna(label) or int(label) == LABEL_UNKNOWN:
+        return LABEL_UNKNOWN if annotated is None else int(annotated > 0)
+    label = int(label)
+    if annotated is not None and label != int(annotated > 0):
+        raise VolumeError(
+            f"label {label} contradicts the mask, which annotates {annotated} pixel(s)"
+        )
+    return label
+
+
 def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePatches:
     """Read one manifest row's volume (and mask) and turn it into patch-table columns.
 
@@ -446,6 +465,7 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
             raise VolumeError(
                 f"mask shape {tuple(mask.shape)} differs from image shape {tuple(raw.shape)}"
             )
+    volume_label = _volume_label(record.get("label"), mask)
     lap("read")
 
     image = normalize_volume(raw)
@@ -507,7 +527,10 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
             out["bscan"].append(index)
             out["y"].append(y)
             out["x"].append(x)
-            if flat_mask is None:
+            if flat_mask is None and volume_label == 0:  # a healthy image: healthy patches
+                out["label"].append(0)
+                out["anomaly_fraction"].append(0.0)
+            elif flat_mask is None:  # pathological somewhere, or unlabelled: unknown per patch
                 out["label"].append(LABEL_UNKNOWN)
                 out["anomaly_fraction"].append(np.nan)
             else:
@@ -532,6 +555,7 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
         "pixels": np.stack(out["pixels"]) if count else np.zeros((0, size, size), np.uint8),
         "label": np.asarray(out["label"], dtype=np.int8),
         "anomaly_fraction": np.asarray(out["anomaly_fraction"], dtype=np.float32),
+        "volume_label": np.full(count, volume_label, dtype=np.int8),
         "source": np.array([str(record["path"])] * count, dtype=object),
     }
     return VolumePatches(columns=columns, geometry=geometry, timings=timings, bscans=n_bscans)

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -64,6 +65,7 @@ def _empty_columns(cfg: PreprocessConfig) -> dict[str, np.ndarray]:
         "pixels": np.zeros((0, size, size), dtype=np.uint8),
         "label": np.array([], dtype=np.int8),
         "anomaly_fraction": np.array([], dtype=np.float32),
+        "volume_label": np.array([], dtype=np.int8),
         "source": np.array([], dtype=object),
     }
 
@@ -185,6 +187,7 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
             "split": row["split"],
             "spacing_x_um": None if math.isnan(row["spacing_x_um"]) else float(row["spacing_x_um"]),
             "mask_path": row["mask_path"] or "",
+            "label": -1 if pd.isna(row["label"]) else int(row["label"]),  # -1: not labelled
         }
         for row in frame.to_dict("records")
     ]

@@ -96,7 +96,7 @@ def prepare_batch(batch: dict[str, np.ndarray], splits: list[str]) -> dict[str, 
     out = {name: np.asarray(batch[name])[keep] for name in META_COLUMNS if name in batch}
     for name in META_COLUMNS:
         if name not in out:  # an optional column missing from this table
-            out[name] = np.full(n, -1 if name == "label" else np.nan)
+            out[name] = np.full(n, -1 if name in ("label", "volume_label") else np.nan)
     pixels = np.zeros((n, PATCH_SIZE, PATCH_SIZE), dtype=np.uint8)
     reasons = np.full(n, "", dtype=object)
     for i, values in enumerate(np.asarray(batch["pixels"], dtype=object)[keep]):
