@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from anogan_ray.config import PRESETS, Config, ConfigError, load_config
@@ -196,55 +196,77 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        name: str, func: Callable, help_text: str, **kwargs: Any
+        name: str,
+        func: Callable,
+        help_text: str,
+        paths: Sequence[tuple[str, str]] = (),
+        config: bool = False,
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
+        """A subcommand with its required path flags and (for the stages) config options.
+
+        ``--scores`` takes one or more score tables wherever it is a required path.
+        """
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
+        for flag, text in paths:
+            p.add_argument(
+                flag, required=True, help=text, nargs="+" if flag == "--scores" else None
+            )
+        if config:
+            _add_config_options(p)
         return p
 
-    p = command(
+    command(
         "phantom",
         _phantom,
         "Write a synthetic OCT cohort (volumes, pixel-level pathology masks, true layer "
         "boundaries and a manifest) for testing and demos.",
+        [
+            ("--out", "cohort folder (local or s3://)"),
+        ],
+        config=True,
     )
-    p.add_argument("--out", required=True, help="cohort folder (local or s3://)")
-    _add_config_options(p)
 
-    p = command(
+    command(
         "preprocess",
         _preprocess,
         "Normalize, resample to 22 µm, segment and flatten each OCT volume of a manifest and "
         "write its 64 x 64 patches as a Parquet patch table (Ray Data).",
+        [
+            ("--manifest", "cohort manifest, CSV or Parquet"),
+            ("--out", "output folder for the patch table"),
+        ],
+        config=True,
     )
-    p.add_argument("--manifest", required=True, help="cohort manifest, CSV or Parquet")
-    p.add_argument("--out", required=True, help="output folder for the patch table")
-    _add_config_options(p)
 
-    p = command(
+    command(
         "train",
         _train,
         "Train the DCGAN on the healthy `train` patches with Ray Train (DDP), checkpointing and "
         "resuming by run name; then the encoder E (train.encoder) and the aCAE and PCA "
         "baselines (train.baselines); export one model bundle.",
+        [
+            ("--patches", "patch table written by `preprocess`"),
+            ("--out", "model bundle folder"),
+        ],
+        config=True,
     )
-    p.add_argument("--patches", required=True, help="patch table written by `preprocess`")
-    p.add_argument("--out", required=True, help="model bundle folder")
-    _add_config_options(p)
 
-    p = command(
+    command(
         "score",
         _score,
         "Score patches by batched latent inversion on a Ray Data actor pool (z from the patch "
         "id's seed or from the encoder: score.mapping) and write the score table, baselines "
         "included; re-running scores only what is missing.",
+        [
+            ("--patches", "patch table written by `preprocess`"),
+            ("--model", "model bundle written by `train`"),
+            ("--out", "output folder for the score table"),
+        ],
+        config=True,
     )
-    p.add_argument("--patches", required=True, help="patch table written by `preprocess`")
-    p.add_argument("--model", required=True, help="model bundle written by `train`")
-    p.add_argument("--out", required=True, help="output folder for the score table")
-    _add_config_options(p)
 
-    p = command(
+    command(
         "tune",
         _tune,
         "Sweep G's and D's learning rates (and z's rate, the inversion steps) with Ray Tune, "
@@ -252,18 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
         "model is scored after each epoch at each λ on the val split "
         "(labelled AUC, or synthetic-lesion AUC without labels). Prints the leaderboard, writes "
         "the trials table and the best model bundle; re-running resumes an interrupted sweep.",
+        [
+            ("--patches", "patch table written by `preprocess`"),
+            ("--out", "sweep folder: trials, best_model, summary"),
+        ],
+        config=True,
     )
-    p.add_argument("--patches", required=True, help="patch table written by `preprocess`")
-    p.add_argument("--out", required=True, help="sweep folder: trials, best_model, summary")
-    _add_config_options(p)
 
     p = command(
         "query",
         _query,
         "Query score tables with DuckDB: the top-k most anomalous patches (default), "
         "per-volume or per-subject aggregates, or any SQL against the view `scores`.",
+        [("--scores", "one or more score tables")],
     )
-    p.add_argument("--scores", required=True, nargs="+", help="one or more score tables")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--top-k", type=int, default=20, help="most anomalous patches (default 20)")
     mode.add_argument("--aggregate", choices=["volume", "subject"], help="aggregate per level")
@@ -286,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         _evaluate,
         "ROC/AUC of A, R, D, p_d and GAN_R and the paper's table (precision, recall, "
         "sensitivity, specificity, AUC) at a calibrated threshold, at patch, volume or subject level.",
+        [("--scores", "one or more score tables")],
     )
-    p.add_argument("--scores", required=True, nargs="+", help="one or more score tables")
     p.add_argument(
         "--threshold",
         type=_threshold,

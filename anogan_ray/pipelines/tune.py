@@ -78,6 +78,10 @@ TUNE_FOLDER = "_tune"  # Ray Tune's experiments inside the stage folder
 TRIALS_FOLDER = "_trials"  # each trial's Ray Train run
 BEST_MODEL = "best_model"
 METRIC = "objective"  # what ASHA and the best-trial choice look at; always "higher is better"
+# what each trial reports (beside its per-λ AUCs), in the trials and history tables
+_TRIAL_METRICS = (
+    "objective", "best_lambda", "val_auc", "synthetic_auc", "healthy_residual", "d_loss", "g_loss",
+)  # fmt: skip
 _SYNTHETIC_SUFFIX = "#synthetic-lesion"  # appended to a patch id for its lesioned copy
 
 
@@ -716,17 +720,7 @@ def _results_tables(grid: ray_tune.ResultGrid, cfg: Config) -> tuple[pd.DataFram
             "stopped_early": result.error is None and epochs < cfg.train.epochs,
             "objective_kind": metrics.get("objective_kind"),
         }
-        for key in (
-            "objective",
-            "best_lambda",
-            "val_auc",
-            "synthetic_auc",
-            "healthy_residual",
-            "d_loss",
-            "g_loss",
-            "d_real",
-            "d_fake",
-        ):
+        for key in (*_TRIAL_METRICS, "d_real", "d_fake"):
             row[key] = metrics.get(key, math.nan)
         for lambda_ in cfg.tune.lambdas:
             for name in ("val_auc", "synthetic_auc"):
@@ -740,19 +734,7 @@ def _results_tables(grid: ray_tune.ResultGrid, cfg: Config) -> tuple[pd.DataFram
             frame["trial_id"] = row["trial_id"]
             history.append(frame)
     trials = pd.DataFrame(rows)
-    wanted = [
-        "trial_id",
-        "epoch",
-        "objective",
-        "best_lambda",
-        "val_auc",
-        "synthetic_auc",
-        "healthy_residual",
-        "d_loss",
-        "g_loss",
-        "train_seconds",
-        "eval_seconds",
-    ]
+    wanted = ["trial_id", "epoch", *_TRIAL_METRICS, "train_seconds", "eval_seconds"]
     wanted += [lambda_key(n, lam) for lam in cfg.tune.lambdas for n in ("val_auc", "synthetic_auc")]
     history_frame = pd.concat(history, ignore_index=True) if history else pd.DataFrame()
     for column in wanted:
