@@ -102,6 +102,11 @@ def _query(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from anogan_ray.core import metrics
 
+    if args.compare:  # every scoring key side by side (AUCs only)
+        rows = metrics.compare(args.scores, split=args.split, level=args.level,
+                               aggregate=args.aggregate)  # fmt: skip
+        print(metrics.format_comparison(rows), file=sys.stderr)
+        return {"keys": rows}
     threshold: float | str | None = args.threshold
     if args.calibrate:  # calibrate on val, store with the model, evaluate at that threshold
         if not args.model:
@@ -328,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", choices=["max", "mean"], default="max", help="patch -> volume")
     p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     p.add_argument("--json", help="also write the full result (with ROC points) here")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="AUCs of every scoring key in the table side by side (mappings, Γ, λ, models)",
+    )
     _add_key_options(p)
 
     p = command(

@@ -306,7 +306,8 @@ def select_key(
     problem = "no scoring key matches" if not matching else "several scoring keys match"
     raise TableError(
         f"{where}: {problem} {asked}; choose one with --key (or --lambda, --steps, --z-lr, "
-        f"--mapping, --model-id). Keys present:\n  {listing}"
+        f"--mapping, --model-id; `evaluate --compare` shows them all side by side). Keys "
+        f"present:\n  {listing}"
     )
 
 

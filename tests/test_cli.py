@@ -71,6 +71,10 @@ def test_a_table_of_two_keys_needs_a_key_on_the_command_line(scored_cohort, tmp_
         == pq.read_table(scored_cohort["scores"] + "/split=test").num_rows
     )  # every test patch once, not the λ 0.5 copies too
     assert main(["query", "--scores", str(two), "--top-k", "3", "--key", "lambda=0.5"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--scores", str(two), "--compare"]) == 0  # both keys side by side
+    rows = json.loads(capsys.readouterr().out)["keys"]
+    assert sorted(row["lambda"] for row in rows) == [0.1, 0.5]
 
 
 def test_query_reports_a_missing_column_by_name(scored_cohort, capsys):

@@ -17,6 +17,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from anogan_ray import storage
 from anogan_ray.analysis import query
+from anogan_ray.analysis.report import report
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
 from anogan_ray.pipelines.score import score
@@ -86,7 +87,7 @@ def _standard_table(url: str, images: dict) -> int:
 
 
 def test_scores_every_patch_once_on_s3_and_rerun_adds_nothing(
-    ray_local, bucket, tiny_bundle, cohort_images
+    ray_local, bucket, tiny_bundle, cohort_images, tmp_path
 ):
     patches, out = f"{bucket}/patches", f"{bucket}/score"
     total = _standard_table(patches, cohort_images)
@@ -135,6 +136,14 @@ def test_scores_every_patch_once_on_s3_and_rerun_adds_nothing(
     assert query.keys(scores)["key"].to_pylist() == sorted([summary["key"], other["key"]])
     with pytest.raises(TableError, match="no scoring key matches"):
         metrics.evaluate(scores, key={"lambda": 0.2})
+    # side by side, on purpose: one row per key, each AUC as evaluated for that key alone
+    rows = metrics.compare(scores)
+    assert [row["key"] for row in rows] == sorted([summary["key"], other["key"]])
+    for row, result in zip(rows, sorted([first, second], key=lambda r: r["key"])):
+        assert row["n"] == 48 and row["A"] == pytest.approx(result["scores"]["A"]["auc"])
+    pictures = report(scores, str(tmp_path / "report"), key={"lambda": 0.3})
+    assert len(pictures["keys"]) == 2
+    assert "Every scoring key" in (tmp_path / "report" / "index.html").read_text()
 
 
 def test_malformed_patches_go_to_rejects_and_the_rest_is_scored(

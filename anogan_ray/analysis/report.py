@@ -52,6 +52,7 @@ from anogan_ray.tables import (  # noqa: E402
     open_dataset,
     pixels_from_column,
     read_scores,
+    scoring_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -576,7 +577,10 @@ def report(
 
     auc = {} if evaluation is None else {k: v["auc"] for k, v in evaluation["scores"].items()}
     index = storage.join(out, "index.html")
-    storage.write_bytes(index, _index_html(frame, split, images, captions, skipped, auc).encode())
+    keys = metrics.compare(scores, split) if len(scoring_keys(open_dataset(scores))) > 1 else []
+    storage.write_bytes(
+        index, _index_html(frame, split, images, captions, skipped, auc, keys).encode()
+    )
     summary = {
         "out": out,
         "index": index,
@@ -584,6 +588,7 @@ def report(
         "skipped": skipped,
         "auc": auc,
         "markers": markers_url,
+        "keys": keys,
     }
     storage.write_json(storage.join(out, "summary.json"), summary)
     return summary
@@ -596,6 +601,7 @@ def _index_html(
     captions: dict[str, str],
     skipped: dict[str, str],
     auc: dict[str, float],
+    keys: list[dict[str, Any]],
 ) -> str:
     esc = html.escape
     parts = [
@@ -610,6 +616,24 @@ def _index_html(
     if auc:
         rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>" for k, v in auc.items())
         parts.append(f"<table><tr><th>score</th><th>patch AUC</th></tr>{rows}</table>")
+    if keys:  # the table holds several scoring keys: all of them side by side
+        names = [n for n in metrics.SCORES if any(n in row for row in keys)]
+        head = "".join(f"<th>{esc(c)}</th>" for c in ("mapping", "steps", "λ", "z_lr", "model"))
+        head += "".join(f"<th>AUC {esc(n)}</th>" for n in names)
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{esc(str(row[c]))}</td>" for c in ("mapping", "steps", "lambda", "z_lr")
+            )
+            + f"<td>{esc(row['model_id'][:8])}</td>"
+            + "".join(f"<td>{row.get(n, float('nan')):.4f}</td>" for n in names)
+            + "</tr>"
+            for row in keys
+        )
+        parts.append(
+            f"<h2>Every scoring key of the table, split {esc(split)}</h2>"
+            f"<table><tr>{head}</tr>{body}</table>"
+        )
     for name, url in images.items():
         file_name = url.rstrip("/").rsplit("/", 1)[-1]
         parts.append(

@@ -449,6 +449,40 @@ def evaluate(
     }
 
 
+def compare(
+    scores: str | Sequence[str], split: str = "test", level: str = "patch", aggregate: str = "max"
+) -> list[dict[str, Any]]:
+    """Every scoring key of a score table side by side: one row per key (model, λ, Γ, z's rate,
+    mapping) with the AUC of each score at ``level`` on ``split`` (NaN without two classes).
+
+    This is where a table holding several mappings or settings is read as a whole, on purpose.
+    """
+    rows = []
+    for key in tables.scoring_keys(tables.open_dataset(scores)):
+        frame = at_level(read_scores(scores, splits=[split], key=key.row()), level, aggregate)
+        labels = frame["label"].to_numpy(np.int64)
+        row: dict[str, Any] = {"key": str(key), **key.row(), "n": int((labels >= 0).sum())}
+        for name, column in SCORES.items():
+            if column in score_columns(frame):
+                row[name] = auc(frame[column].to_numpy(np.float64), labels)
+        rows.append(row)
+    return rows
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    """:func:`compare`'s rows for the terminal: one line per scoring key."""
+    names = [name for name in SCORES if any(name in row for row in rows)]
+    head = f"{'mapping':<19}{'steps':>6}{'lambda':>8}{'z_lr':>8}{'model':>10}{'n':>7}"
+    head += "".join(f"{name:>8}" for name in names)
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        line = f"{row['mapping']:<19}{row['steps']:>6}{row['lambda']:>8.3g}{row['z_lr']:>8.3g}"
+        line += f"{row['model_id'][:8]:>10}{row['n']:>7}"
+        line += "".join(f"{row.get(name, math.nan):>8.4f}" for name in names)
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def auc_by_lesion_size(
     scores: np.ndarray, labels: np.ndarray, anomaly_fraction: Sequence[float] | np.ndarray
 ) -> dict[str, float]:
