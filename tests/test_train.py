@@ -92,8 +92,9 @@ def test_missing_train_split_is_a_clear_error(ray_local, tmp_path):
         train(str(tmp_path), str(tmp_path / "model"), _config())
 
 
-def _train_killing_a_worker(patch_table: str, out: str, cfg) -> dict:
-    """Run ``train`` and SIGKILL one Ray Train worker process once two checkpoints exist.
+def _train_killing_workers(patch_table: str, out: str, cfg, runs: list[str]) -> dict:
+    """Run ``train`` and SIGKILL one Ray Train worker process in each of ``runs`` (run names, in
+    the order they train) once that run has two checkpoints.
 
     The second: a checkpoint on storage may not be registered with Ray Train yet when the kill
     lands, the one before it is (the report of step 2 reaches the controller long before step 4's
@@ -104,21 +105,22 @@ def _train_killing_a_worker(patch_table: str, out: str, cfg) -> dict:
         target=lambda: result.update(summary=train(patch_table, out, cfg)), daemon=True
     )
     runner.start()
-    killed = None
-    while runner.is_alive() and killed is None:
-        if len(storage.list_files(f"{out}/_runs/anogan", suffix="state.pt")) >= 2:
+    killed: list[int] = []
+    while runner.is_alive() and len(killed) < len(runs):
+        run = runs[len(killed)]
+        if len(storage.list_files(f"{out}/_runs/{run}", suffix="state.pt")) >= 2:
             workers = [
                 p
                 for p in psutil.process_iter(["cmdline"])
-                if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.pid not in killed
             ]
             if workers:
-                killed = workers[-1].pid
-                os.kill(killed, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                os.kill(killed[-1], signal.SIGKILL)
         time.sleep(0.02)
-    runner.join(timeout=600)
-    assert killed is not None, "training ended before a worker could be killed"
-    assert "summary" in result, "training did not survive the killed worker"
+    runner.join(timeout=900)
+    assert len(killed) == len(runs), f"training ended before a worker of {runs} was killed"
+    assert "summary" in result, "training did not survive the killed workers"
     return result["summary"]
 
 
@@ -132,10 +134,14 @@ def test_ddp_replicas_stay_identical_survive_a_killed_worker_and_resume(patch_ta
         "train.max_failures=1",
     )
     # A worker's process is SIGKILLed from outside (as an OOM killer would) once two
-    # checkpoints are on S3; Ray Train restarts both workers from the latest checkpoint it had
-    # registered. Never from step 0, and the run still ends at its last step.
-    summary = _train_killing_a_worker(patch_table, out, cfg)
+    # checkpoints are on S3, in the GAN's run and again in the encoder's (the same harness);
+    # Ray Train restarts both workers from the latest checkpoint it had registered. Never from
+    # step 0, and each run still ends at its last step.
+    summary = _train_killing_workers(patch_table, out, cfg, ["anogan", "anogan-encoder"])
     assert 2 <= summary["resumed_from_step"] < 16
+    encoder = summary["other_models"]["encoder"]
+    assert 2 <= encoder["resumed_from_step"] < encoder["steps"] == 16
+    assert all(np.isfinite(v) for v in encoder["final_metrics"].values())
     assert summary["steps"] == 16 and summary["steps_per_epoch"] == TRAIN_PATCHES // 2 // 32
     # DDP kept both replicas bit-identical through G and D updates and the restart
     assert summary["replicas_identical"] is True

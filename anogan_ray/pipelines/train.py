@@ -213,6 +213,7 @@ def train(patches: str, out: str, cfg: Config) -> dict:
         "other_models": {  # the encoder and the baselines, trained after the GAN
             name: {
                 "steps": results[name][0]["step"],
+                "resumed_from_step": m.get("start_step", 0),
                 "train_seconds": m.get("train_seconds"),
                 "final_metrics": {key: m.get(key) for key in RECIPES[name].metric_names},
             }
