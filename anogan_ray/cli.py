@@ -68,8 +68,15 @@ def _score(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tune(args: argparse.Namespace) -> dict[str, Any]:
-    from anogan_ray.pipelines.tune import leaderboard, tune
+    import pyarrow as pa
 
+    from anogan_ray.analysis.query import format_table
+    from anogan_ray.pipelines.tune import leaderboard, sweep_mappings, tune
+
+    if args.model:  # a mapping sweep of one trained bundle
+        summary = sweep_mappings(args.patches, args.model, args.out, _config(args))
+        print(format_table(pa.Table.from_pylist(summary["mappings"])), file=sys.stderr)
+        return summary
     summary = tune(args.patches, args.out, _config(args))
     print(leaderboard(args.out), file=sys.stderr)
     return summary
@@ -271,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         config=True,
     )
 
-    command(
+    p = command(
         "tune",
         _tune,
         "Sweep G's and D's learning rates (and z's rate, the inversion steps) with Ray Tune, "
@@ -284,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
             ("--out", "sweep folder: trials, best_model, summary"),
         ],
         config=True,
+    )
+    p.add_argument(
+        "--model",
+        help="a trained model bundle: sweep its mapping and Γ (tune.mappings x tune.steps) "
+        "instead of training; prints AUC and cost per setting and the cheapest that keeps the AUC",
     )
 
     p = command(

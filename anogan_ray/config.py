@@ -147,6 +147,10 @@ class TuneConfig:
     max_concurrent: int = _at_least(1, 2)  # trials at once
     z_lr: list[float] = field(default_factory=list)  # choices of z's Adam rate ([]: score.z_lr)
     steps: list[int] = field(default_factory=list)  # choices of inversion steps ([]: score.steps)
+    mappings: list[str] = field(default_factory=list)  # `tune --model`: mappings swept ([]: all
+    # the bundle can run)
+    auc_tolerance: float = _at_least(0.0, 0.01)  # `tune --model`: the cheapest setting within
+    # this much of the best objective is recommended
     reduction_factor: float = _at_least(2, 3)  # ASHA keeps the best 1/reduction_factor per rung
     objective: str = _choices("auto", "labels", "synthetic", default="auto")  # auto: labels if
     # `val` holds healthy and anomalous patches, else synthetic lesions on healthy val patches

@@ -394,3 +394,26 @@ def write_patch_table():
         return ids
 
     return write
+
+
+@pytest.fixture(scope="session")
+def encoder_bundles(tmp_path_factory, tiny_bundle, tiny_config, synthetic_patches, train_recipe):
+    """The tiny GAN bundle, and the same G and D with an encoder trained on healthy patches."""
+    import dataclasses
+
+    import torch
+
+    from anogan_ray.core.model import load_bundle, save_bundle
+    from anogan_ray.core.recipes import ENCODER
+
+    plain = load_bundle(tiny_bundle)
+    train = torch.from_numpy(synthetic_patches(512, seed=20))[:, None]
+    train_cfg = dataclasses.replace(tiny_config.train, batch_size=32, lr_generator=1e-3, seed=0)
+    frozen = {"generator": plain.generator, "discriminator": plain.discriminator}
+    modules, history = train_recipe(
+        ENCODER, train, tiny_config.model, train_cfg, steps=80, frozen=frozen
+    )
+    encoder = modules["encoder"].eval()
+    url = str(tmp_path_factory.mktemp("with_encoder"))
+    save_bundle(url, plain.generator, plain.discriminator, plain.model_config, encoder=encoder)
+    return {"plain": tiny_bundle, "with_encoder": url, "history": torch.stack(history)}

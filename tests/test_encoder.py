@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from anogan_ray.core.invert import MAPPINGS, score_patches
-from anogan_ray.core.model import BundleError, load_bundle, save_bundle
-from anogan_ray.core.recipes import ENCODER
+from anogan_ray.core.model import BundleError, load_bundle
 
 STEPS = 5  # Γ of the tests: the mappings' equalities hold for any Γ
-
-
-@pytest.fixture(scope="module")
-def encoder_bundles(tmp_path_factory, tiny_bundle, tiny_config, synthetic_patches, train_recipe):
-    """The tiny GAN bundle, and the same G and D with an encoder trained on healthy patches."""
-    plain = load_bundle(tiny_bundle)
-    train = torch.from_numpy(synthetic_patches(512, seed=20))[:, None]
-    train_cfg = dataclasses.replace(tiny_config.train, batch_size=32, lr_generator=1e-3, seed=0)
-    frozen = {"generator": plain.generator, "discriminator": plain.discriminator}
-    modules, history = train_recipe(
-        ENCODER, train, tiny_config.model, train_cfg, steps=80, frozen=frozen
-    )
-    encoder = modules["encoder"].eval()
-    url = str(tmp_path_factory.mktemp("with_encoder"))
-    save_bundle(url, plain.generator, plain.discriminator, plain.model_config, encoder=encoder)
-    return {"plain": tiny_bundle, "with_encoder": url, "history": torch.stack(history)}
 
 
 def test_encoder_training_reduces_the_izif_loss_and_leaves_g_and_d_alone(

@@ -20,10 +20,12 @@ from anogan_ray.core.invert import score_patches
 from anogan_ray.core.model import load_bundle
 from anogan_ray.pipelines.tune import (
     SweepInterrupted,
+    TuneError,
     add_synthetic_lesion,
     evaluate_objective,
     lambda_key,
     make_evaluation_set,
+    sweep_mappings,
     tune,
 )
 from anogan_ray.tables import decode_pixels, encode_pixels, read_patch_table
@@ -235,3 +237,30 @@ def test_without_labels_the_objective_is_the_synthetic_lesion_auc(tiny_bundle, s
     assert metrics["objective"] > 0.5  # a GAN trained on healthy patches flags pasted lesions
     again = evaluate_objective(bundle.generator, bundle.discriminator, data, LAMBDAS, **kwargs)
     assert again == metrics  # a fixed evaluation set and seeded z: the same objective
+
+
+def test_a_mapping_sweep_scores_each_mapping_and_names_the_cheapest_that_keeps_the_auc(
+    phantom_patches, encoder_bundles, tmp_path
+):
+    """`tune --model`: one Tune trial per (mapping, Γ) of a trained bundle, on the val split."""
+    cfg = _config("tune.steps=[0, 4]", "tune.val_patches=24", "tune.synthetic_patches=0")
+    summary = sweep_mappings(phantom_patches, encoder_bundles["with_encoder"], str(tmp_path), cfg)
+    settings = [(row["mapping"], row["steps"]) for row in summary["mappings"]]
+    # encoder+iterative with Γ = 0 is the encoder mapping: it runs once
+    assert settings == [
+        ("encoder", 0),
+        ("iterative", 0),
+        ("encoder+iterative", 4),
+        ("iterative", 4),
+    ]
+    assert summary["objective_kind"] == "labels"
+    for row in summary["mappings"]:
+        assert 0.0 <= row["objective"] <= 1.0 and row["seconds_per_patch"] > 0
+    cheapest = summary["cheapest_within_tolerance"]
+    best = max(row["objective"] for row in summary["mappings"])
+    assert cheapest["objective"] >= best - cfg.tune.auc_tolerance
+    table = pd.read_parquet(tmp_path / "mappings.parquet")
+    assert len(table) == 4
+    with pytest.raises(TuneError, match="no encoder"):
+        sweep_mappings(phantom_patches, encoder_bundles["plain"], str(tmp_path / "x"),
+                       _config("tune.mappings=[encoder]"))  # fmt: skip

@@ -58,8 +58,9 @@ from scipy.stats import spearmanr
 from anogan_ray import storage
 from anogan_ray.config import Config, ConfigError, TuneConfig, config_from_dict
 from anogan_ray.core.export import export_bundle, exported_models
-from anogan_ray.core.invert import invert_batch
+from anogan_ray.core.invert import MAPPINGS, in_fixed_rows, invert_batch
 from anogan_ray.core.metrics import auc
+from anogan_ray.core.model import ENCODER_FILE, load_bundle
 from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.train import (
     RUNS_FOLDER,
@@ -291,10 +292,13 @@ def evaluate_objective(
     z_lr: float,
     batch_size: int,
     latent_prior: str,
+    encoder: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Invert the evaluation set at every λ and compute the sweep's metrics.
 
-    G and D must be in their exported form (eval mode, final BatchNorm statistics).
+    G and D must be in their exported form (eval mode, final BatchNorm statistics). With an
+    ``encoder`` the mapping starts from z = E(x) (``encoder+iterative``; ``encoder`` when
+    ``steps`` is 0) instead of the patch id's seed.
 
     Returns:
         ``objective`` (the best λ's AUC under ``evaluation.objective``), ``best_lambda``, per λ
@@ -311,14 +315,20 @@ def evaluate_objective(
     for lambda_ in lambdas:
         anomaly, residual = [], []
         for start in range(0, len(evaluation.ids), batch_size):
+            batch = pixels[start : start + batch_size].to(device)
+            initial_z = None
+            if encoder is not None:
+                with torch.no_grad():
+                    initial_z = in_fixed_rows(encoder, batch, device)
             result = invert_batch(
                 (generator, discriminator),
-                pixels[start : start + batch_size].to(device),
+                batch,
                 evaluation.ids[start : start + batch_size],
                 lambda_=lambda_,
                 steps=steps,
                 z_lr=z_lr,
                 latent_prior=latent_prior,
+                initial_z=initial_z,
             )
             anomaly.append(result.anomaly_score)
             residual.append(result.residual_score)
@@ -446,6 +456,111 @@ def finished_trials(experiment_path: str, storage_fs: Any) -> int:
     """
     analysis = ray_tune.ExperimentAnalysis(experiment_path, storage_filesystem=storage_fs)
     return sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in analysis.trials)
+
+
+def mapping_settings(cfg: Config, has_encoder: bool) -> list[dict[str, Any]]:
+    """The (mapping, Γ) pairs of a mapping sweep: ``tune.mappings`` (all the bundle can run when
+    empty) x ``tune.steps`` (``score.steps`` when empty); ``encoder`` runs no steps, and
+    ``encoder+iterative`` with Γ = 0 is the same as ``encoder``, so each appears once."""
+    mappings = cfg.tune.mappings or (list(MAPPINGS) if has_encoder else ["iterative"])
+    unknown = sorted(set(mappings) - set(MAPPINGS))
+    if unknown:
+        raise ConfigError(f"tune.mappings: {unknown} are not mappings ({', '.join(MAPPINGS)})")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in cfg.tune.steps):
+        raise ConfigError(f"tune.steps: expected whole numbers >= 0, got {cfg.tune.steps!r}")
+    if not has_encoder and set(mappings) - {"iterative"}:
+        raise TuneError(
+            f"tune.mappings {mappings}: the model bundle has no encoder E (train it with "
+            "train.encoder=true, or sweep only `iterative`)"
+        )
+    steps = cfg.tune.steps or [cfg.score.steps]
+    pairs = {(m, 0 if m == "encoder" else s) for m in mappings for s in steps}
+    pairs = {("encoder", 0) if p == ("encoder+iterative", 0) else p for p in pairs}
+    return [{"mapping": m, "steps": s} for m, s in sorted(pairs, key=lambda p: (p[1], p[0]))]
+
+
+def run_mapping_trial(
+    trial_config: dict[str, Any], model: str, evaluation: EvaluationSet, cfg: Config
+) -> None:
+    """A mapping-sweep trial (the Tune trainable): the bundle's AUC under one (mapping, Γ) on the
+    evaluation set at every λ, and what a patch costs (seconds on this trial's CPU or GPU)."""
+    setting = trial_config["setting"]
+    torch.set_num_threads(1)
+    bundle = load_bundle(model)
+    encoder = bundle.encoder if setting["mapping"] != "iterative" else None
+    started = time.perf_counter()
+    metrics = evaluate_objective(
+        bundle.generator,
+        bundle.discriminator,
+        evaluation,
+        cfg.tune.lambdas,
+        steps=setting["steps"],
+        z_lr=cfg.score.z_lr,
+        batch_size=cfg.score.batch_size,
+        latent_prior=bundle.model_config.latent_prior,
+        encoder=encoder,
+    )
+    seconds = time.perf_counter() - started
+    patches = len(evaluation.ids) * len(cfg.tune.lambdas)
+    ray_tune.report({**metrics, **setting, "seconds_per_patch": seconds / patches})
+
+
+def sweep_mappings(patches: str, model: str, out: str, cfg: Config) -> dict[str, Any]:
+    """Sweep the mapping and Γ of one trained bundle with Ray Tune (``tune --model``).
+
+    One trial per (mapping, Γ) of :func:`mapping_settings`, each scoring the ``val`` evaluation
+    set (as a training sweep's trials do) at every λ of ``tune.lambdas``: the cheapest mapping
+    that keeps the AUC is what a cohort should be scored with. Writes ``out/mappings.parquet``
+    and ``out/summary.json``.
+    """
+    started = time.monotonic()
+    patches, out, model = storage.absolute(patches), storage.absolute(out), storage.absolute(model)
+    ensure_ray()
+    index = storage.read_json(storage.join(model, "bundle.json"))
+    settings = mapping_settings(cfg, ENCODER_FILE in index.get("sha256", {}))
+    evaluation = load_evaluation_set(patches, cfg)
+    storage_fs, tune_path = storage.arrow_filesystem(storage.join(out, TUNE_FOLDER))
+    tuner = ray_tune.Tuner(
+        ray_tune.with_parameters(run_mapping_trial, model=model, evaluation=evaluation, cfg=cfg),
+        param_space={"setting": ray_tune.grid_search(settings)},
+        tune_config=ray_tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent),
+        run_config=ray_tune.RunConfig(
+            name=f"{cfg.tune.run_name}-mappings",
+            storage_path=tune_path,
+            storage_filesystem=storage_fs,
+            verbose=0,
+        ),  # fmt: skip
+    )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        if result.error is not None:
+            raise TuneError(f"mapping trial {result.config}: {result.error}")
+        m = result.metrics
+        rows.append({k: _finite(m.get(k)) if k not in ("mapping",) else m[k] for k in (
+            "mapping", "steps", "objective", "best_lambda", "val_auc", "synthetic_auc",
+            "seconds_per_patch")})  # fmt: skip
+    table = pd.DataFrame(rows).sort_values(["steps", "mapping"]).reset_index(drop=True)
+    _write_parquet(storage.join(out, "mappings.parquet"), table)
+    best = table["objective"].max()
+    keeps = table[table["objective"] >= best - cfg.tune.auc_tolerance]
+    cheapest = keeps.sort_values("seconds_per_patch").iloc[0]
+    summary = {
+        "stage": "tune-mappings",
+        "model": model,
+        "objective_kind": evaluation.objective,
+        "evaluation_patches": len(evaluation.ids),
+        "mappings": table.to_dict("records"),
+        "cheapest_within_tolerance": {
+            "mapping": cheapest["mapping"],
+            "steps": int(cheapest["steps"]),
+            "objective": cheapest["objective"],
+        },  # fmt: skip
+        "auc_tolerance": cfg.tune.auc_tolerance,
+        "wall_seconds": round(time.monotonic() - started, 2),
+    }
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    return summary
 
 
 def _sweep_record(patches: str, cfg: Config) -> dict[str, Any]:
