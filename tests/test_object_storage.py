@@ -32,7 +32,7 @@ def test_cohort_to_query_with_everything_in_a_bucket(ray_local, bucket):
     cfg = load_config(
         "tiny",
         [
-            "train.batch_size=8",  # 16 train patches: 2 steps per epoch
+            "train.batch_size=8",  # 32 train patches: 4 steps per epoch
             "train.max_steps=2",
             "train.checkpoint_every=2",
             "train.batchnorm_samples=64",
