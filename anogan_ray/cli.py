@@ -16,6 +16,9 @@ from typing import Any
 from anogan_ray.config import PRESETS, Config, ConfigError, load_config
 
 log = logging.getLogger("anogan_ray")
+# The AWS SDK's loggers: at DEBUG they print each request's Authorization header (with the access
+# key id), so --log-level DEBUG leaves them at INFO; no credential reaches a log.
+_CREDENTIAL_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer")
 
 _CONFIG_HELP = (
     f"a preset ({', '.join(PRESETS)}) or a YAML file with the same sections (default: %(default)s)"
@@ -385,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for name in _CREDENTIAL_LOGGERS:  # their debug lines print signed request headers
+        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.INFO))
     try:
         summary = args.func(args)
     except ConfigError as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shutil
 from typing import IO, Any
 
 import fsspec
@@ -105,6 +106,43 @@ def remove(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def replace(src: str, dst: str) -> None:
+    """Make ``dst`` (a file or a folder) hold what ``src`` holds, dropping what ``dst`` held.
+
+    Locally two renames on one filesystem: ``dst`` is moved aside, then ``src`` moved in, so a
+    reader sees the old or the new ``dst`` whole (or, for that instant, none), and ``src`` is
+    gone afterwards. On S3, which has no rename, ``dst``'s objects are deleted and ``src``'s copied
+    in (server side); ``src`` stays, so a replace that was cut short can simply be repeated.
+    A ``src`` that does not exist replaces ``dst`` by nothing.
+    """
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    if is_remote(src):
+        if fs.exists(dst_path):
+            fs.rm(dst_path, recursive=True)
+        if fs.isdir(src_path):
+            files = fs.find(src_path)
+            fs.copy(files, [dst_path + f[len(src_path) :] for f in files])
+        elif fs.exists(src_path):
+            fs.copy(src_path, dst_path)
+        return
+    aside = os.path.join(os.path.dirname(dst_path), f".{os.path.basename(dst_path)}.replaced")
+    _remove_local(aside)  # left by a replace that was cut short
+    if os.path.lexists(dst_path):
+        os.rename(dst_path, aside)
+    if os.path.lexists(src_path):
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        os.rename(src_path, dst_path)
+    _remove_local(aside)
+
+
+def _remove_local(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def list_files(url: str, suffix: str = "") -> list[str]:

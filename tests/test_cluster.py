@@ -75,3 +75,53 @@ def test_rayjob_entrypoint_is_a_job_script_that_accepts_its_flags(path):
 def test_runtime_env_carries_no_secrets():
     text = (ROOT / "cluster" / "runtime_env.yaml").read_text()
     assert not re.search(r"(?i)(secret|access_key|password|token)\s*:", text)
+
+
+# --- the cluster is locked (issue 16): Ray token authentication on every cluster definition ---
+
+CLUSTERS = [p for p in MANIFESTS if p.name != "runtime_env.yaml"]
+
+
+def _ray_start_commands(document: dict) -> list[str]:
+    """The cluster launcher's `ray start` commands (head and workers)."""
+    commands = document.get("head_start_ray_commands", []) + document.get(
+        "worker_start_ray_commands", []
+    )
+    return [c for c in commands if re.search(r"\bray start\b", c)]
+
+
+def _token_auth_on(document: dict, command: str | None = None) -> bool:
+    """Whether the cluster (or this one `ray start` command of the cluster launcher) runs with
+    RAY_AUTH_MODE=token: KubeRay's `authOptions` (KubeRay >= 1.5.1 sets the mode and a generated
+    token in every Ray container), or the variable on the command line."""
+    if document.get("kind") == "RayCluster":
+        return document["spec"].get("authOptions", {}).get("mode") == "token"
+    if document.get("kind") == "RayJob":
+        return document["spec"]["rayClusterSpec"].get("authOptions", {}).get("mode") == "token"
+    return command is not None and re.search(r"(^|\s|export\s)RAY_AUTH_MODE=token\s", command)
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
+def test_every_cluster_requires_the_ray_token(path):
+    document = yaml.safe_load(path.read_text())
+    if document.get("kind") in ("RayCluster", "RayJob"):
+        assert _token_auth_on(document), f"{path.name}: no authOptions: {{mode: token}}"
+        return
+    commands = _ray_start_commands(document)
+    assert len(commands) == 2, f"{path.name}: expected a head and a worker `ray start`"
+    for command in commands:
+        assert _token_auth_on(document, command), f"{path.name}: `{command}` without the token"
+    # every node gets the token that `ray get-auth-token --generate` wrote on the user's machine
+    assert document["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
+def test_no_dashboard_on_every_interface_without_the_token(path):
+    document = yaml.safe_load(path.read_text())
+    text = path.read_text()
+    for command in _ray_start_commands(document):
+        if re.search(r"--dashboard-host[= ]0\.0\.0\.0", command):
+            assert _token_auth_on(document, command), f"{path.name}: open dashboard: {command}"
+    if document.get("kind") in ("RayCluster", "RayJob"):  # KubeRay's default is 0.0.0.0
+        assert _token_auth_on(document), f"{path.name}: KubeRay dashboard without the token"
+    assert "RAY_AUTH_MODE=disabled" not in text and "mode: disabled" not in text

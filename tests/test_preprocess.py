@@ -171,3 +171,127 @@ def test_image_level_labels_flow_from_the_manifest(ray_local, tmp_path):
     assert [list(v) for v in by_volume.loc["healthy"]] == [[0], [0]]
     assert [list(v) for v in by_volume.loc["sick"]] == [[-1], [1]]
     assert [list(v) for v in by_volume.loc["unlabelled"]] == [[-1], [-1]]
+
+
+# --- re-runs never destroy good output (issue 16): staged, then published ---------------------
+
+
+def _outputs(out: str) -> tuple[list[str], dict, bytes, bytes]:
+    """(sorted patch ids, summary, rejects bytes, geometry bytes) of a stage folder."""
+    return (
+        sorted(_table(out)["patch_id"]),
+        storage.read_json(storage.join(out, "summary.json")),
+        storage.read_bytes(storage.join(out, "rejects", "rejects.parquet")),
+        storage.read_bytes(storage.join(out, "geometry", "geometry.parquet")),
+    )
+
+
+def _failing_late(monkeypatch) -> None:
+    """Make preprocess fail after its patch table is written: the geometry write hits a full disk."""
+    import anogan_ray.pipelines.preprocess as stage
+
+    write = stage._write_table
+
+    def write_or_fail(url: str, table) -> None:
+        if "geometry" in url:
+            raise OSError(28, "No space left on device", url)
+        write(url, table)
+
+    monkeypatch.setattr(stage, "_write_table", write_or_fail)
+
+
+@pytest.fixture(params=["local", "s3"])
+def stage_folder(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "preprocess")
+    return f"{request.getfixturevalue('bucket')}/preprocess"
+
+
+def test_a_rerun_that_fails_late_leaves_the_previous_outputs(
+    ray_local, local_cohort, stage_folder, tiny_config, monkeypatch
+):
+    manifest, out = f"{local_cohort}/manifest.csv", stage_folder
+    preprocess(manifest, out, tiny_config.preprocess)
+    before = _outputs(out)
+    other = dataclasses.replace(tiny_config.preprocess, patches_per_bscan=5, grid_stride=48)
+
+    _failing_late(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        preprocess(manifest, out, other)
+    assert _outputs(out) == before  # the same rows, summary, rejects and geometry
+    assert storage.exists(storage.join(out, "_staging", "patches"))  # it got that far
+
+    monkeypatch.undo()
+    summary = preprocess(manifest, out, other)  # the next run drops the failed one's staging
+    ids, *_ = _outputs(out)
+    assert len(ids) == summary["patches_written"] != len(before[0])
+    assert not storage.exists(storage.join(out, "_staging"))
+
+
+def test_a_publish_cut_short_is_finished_by_the_next_run(
+    ray_local, local_cohort, stage_folder, tiny_config, monkeypatch
+):
+    manifest, out = f"{local_cohort}/manifest.csv", stage_folder
+    preprocess(manifest, out, tiny_config.preprocess)
+    other = dataclasses.replace(tiny_config.preprocess, patches_per_bscan=5, grid_stride=48)
+    replace, replaced = storage.replace, []
+
+    def replace_once(src: str, dst: str) -> None:  # the job dies after publishing `patches`
+        if replaced:
+            raise KeyboardInterrupt("killed while publishing")
+        replaced.append(dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(storage, "replace", replace_once)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(manifest, out, other)
+    assert replaced == [storage.join(out, "patches")]
+    assert not storage.exists(storage.join(out, "summary.json"))  # out/ is half old, half new
+    monkeypatch.undo()
+
+    # the next run fails too, late, but first finishes the publish the killed run had begun
+    _failing_late(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        preprocess(manifest, out, tiny_config.preprocess)
+    ids, summary, *_ = _outputs(out)
+    assert summary["config"]["patches_per_bscan"] == 5  # the killed run's complete outputs
+    assert len(ids) == summary["patches_written"]
+    geometry = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/geometry/geometry.parquet")))
+    assert geometry.num_rows == summary["bscans"]
+
+
+def test_a_killed_rerun_leaves_the_previous_table_readable(
+    ray_local, local_cohort, tmp_path, tiny_config
+):
+    """SIGKILL of `anogan-ray preprocess` while its volumes are being processed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    manifest, out = f"{local_cohort}/manifest.csv", str(tmp_path / "preprocess")
+    preprocess(manifest, out, tiny_config.preprocess)
+    before = _outputs(out)
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    command = [
+        str(Path(sys.executable).parent / "anogan-ray"), "preprocess", "--manifest", manifest,
+        "--out", out, "--config", "tiny", "--set", "preprocess.patches_per_bscan=5",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    records = Path(out, "_staging", "_volumes")
+    deadline = time.monotonic() + 120
+    while not (records.is_dir() and any(records.iterdir())):  # a volume is done, others are not
+        assert process.poll() is None, f"preprocess ended first:\n{process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "preprocess did not start in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    process.stderr.close()
+
+    assert _outputs(out) == before
+    assert not Path(out, "_staging", "summary.json").exists()  # killed before its staging was done
+    summary = preprocess(manifest, out, tiny_config.preprocess)
+    assert _outputs(out)[0] == before[0] and summary["patches_written"] == len(before[0])
+    assert not Path(out, "_staging").exists()

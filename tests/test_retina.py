@@ -246,12 +246,24 @@ def test_normalization_maps_to_unit_range():
 def test_resampling_to_22_um_scales_the_width():
     volume = np.tile(np.arange(512, dtype=np.float32), (2, 10, 1))
     resampled = retina.resample_x(volume, 11.5, 22.0)
-    assert resampled.shape == (2, 10, 268)
-    # column j samples the original at (j + 0.5) * 22 / 11.5 - 0.5: a linear ramp stays linear
-    assert np.allclose(resampled[0, 0, 10], 10.5 * 22 / 11.5 - 0.5, atol=1e-3)
+    assert resampled.shape == (2, 10, 268) and resampled.dtype == np.float32
+    # column j samples the original at (j + 0.5) * x_scale - 0.5, x_scale = 512 / 268 (22 µm
+    # rounded to whole columns): a linear ramp stays linear (away from the edges)
+    assert np.allclose(resampled[0, 0, 10], 10.5 * 512 / 268 - 0.5, atol=1e-3)
     labels = np.zeros((1, 4, 512), np.uint8)
     labels[..., 100:140] = 3
-    assert set(np.unique(retina.resample_x(labels, 11.5, 22.0, nearest=True))) == {0, 3}
+    resampled_labels = retina.resample_x(labels, 11.5, 22.0, nearest=True)
+    assert resampled_labels.dtype == np.uint8 and set(np.unique(resampled_labels)) == {0, 3}
+
+
+def test_resampling_does_not_alias_fine_speckle():
+    """Texture finer than 22 µm (here a 14 µm period at 5.7 µm spacing) is filtered out before
+    sampling, not folded into a coarse false pattern."""
+    columns = np.arange(1024)
+    fine = np.cos(2 * np.pi * columns / 2.5).astype(np.float32)[None, None, :]  # (1, 1, 1024)
+    resampled = retina.resample_x(fine, 5.7, 22.0)
+    assert resampled.shape == (1, 1, 265)
+    assert resampled[..., 5:-5].std() < 0.05 * fine.std()
 
 
 def test_image_modality_uses_the_whole_frame(tmp_path):

@@ -5,8 +5,9 @@ The steps, in order, for a volume ``(n_bscans, height, width)``:
 1. :func:`normalize_volume`: gray values to [-1, 1] by a robust per-volume min-max: the 0.5th and
    99.5th percentiles of all the volume's voxels map to -1 and 1, values beyond are clipped (a few
    saturated speckles or a dark frame border do not stretch the range).
-2. :func:`resample_x`: each B-scan resampled along x to ``target_spacing_um`` (22 µm) per column;
-   linear interpolation for images, nearest neighbour for masks (labels stay labels).
+2. :func:`resample_x`: each B-scan resampled along x to ``target_spacing_um`` (22 µm) per column
+   with scikit-image: anti-aliased linear interpolation for images, nearest neighbour for masks
+   (labels stay labels).
 3. :func:`segment_retina`: the inner limiting membrane (ILM, top) and Bruch's membrane (BM, bottom)
    in every A-scan (see its docstring for the method).
 4. :func:`flatten`: every A-scan shifted by a whole number of pixels so that BM lies on one row
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from skimage.transform import resize
 
 from anogan_ray.config import PreprocessConfig
 from anogan_ray.data import volumes
@@ -81,27 +83,39 @@ def resampled_width(width: int, spacing_x_um: float, target_spacing_um: float) -
 def resample_x(
     volume: np.ndarray, spacing_x_um: float, target_spacing_um: float, nearest: bool = False
 ) -> np.ndarray:
-    """Resample along x (last axis) to ``target_spacing_um`` per column.
+    """Resample along x (last axis) to ``target_spacing_um`` per column, with scikit-image.
 
-    Column centres are kept aligned: new column ``j`` samples the original at
-    ``(j + 0.5) * x_scale - 0.5`` with ``x_scale = target / spacing``.
+    The new width is :func:`resampled_width` (whole columns), so the exact scale is
+    ``x_scale = width / new_width`` original columns per new column (22 µm rounded to fill the
+    frame). Column centres are kept aligned: new column ``j`` samples the original at
+    ``(j + 0.5) * x_scale - 0.5``. Images are low-pass filtered first when the input is finer
+    than the target (a Gaussian of sigma ``(x_scale - 1) / 2`` along x: speckle finer than 22 µm
+    would otherwise alias into coarse false texture) and interpolated linearly; masks take the
+    nearest original column, unfiltered, so labels stay labels.
 
     Args:
         volume: ``(..., width)``.
         spacing_x_um: the input's A-scan spacing.
         target_spacing_um: the wanted spacing (22 µm in the paper).
-        nearest: nearest neighbour (masks) instead of linear interpolation (images).
+        nearest: nearest neighbour without filtering (masks) instead of anti-aliased linear
+            interpolation (images).
+
+    Returns:
+        ``(..., new_width)``: the input's dtype for masks, at least float32 for images.
     """
-    width = volume.shape[-1]
-    new_width = resampled_width(width, spacing_x_um, target_spacing_um)
-    x_scale = target_spacing_um / spacing_x_um
-    source = np.clip((np.arange(new_width) + 0.5) * x_scale - 0.5, 0, width - 1)
+    new_shape = (
+        *volume.shape[:-1],
+        resampled_width(volume.shape[-1], spacing_x_um, target_spacing_um),
+    )
     if nearest:
-        return volume[..., np.rint(source).astype(np.intp)]
-    left = np.floor(source).astype(np.intp)
-    right = np.minimum(left + 1, width - 1)
-    weight = (source - left).astype(np.float32)
-    return volume[..., left] * (1.0 - weight) + volume[..., right] * weight
+        resampled = resize(
+            volume, new_shape, order=0, mode="edge", anti_aliasing=False, preserve_range=True
+        )
+        return resampled.astype(volume.dtype, copy=False)
+    resampled = resize(
+        volume, new_shape, order=1, mode="edge", anti_aliasing=True, preserve_range=True
+    )
+    return resampled.astype(np.result_type(volume.dtype, np.float32), copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,8 +488,8 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
     n_bscans, height, width = image.shape
     x_scale = 1.0
     if is_oct:
-        x_scale = cfg.target_spacing_um / float(spacing)
         image = resample_x(image, float(spacing), cfg.target_spacing_um)
+        x_scale = width / image.shape[-1]
         if mask is not None:
             mask = resample_x(mask, float(spacing), cfg.target_spacing_um, nearest=True)
         width = image.shape[-1]

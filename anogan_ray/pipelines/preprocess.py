@@ -15,9 +15,30 @@ Output layout of :func:`preprocess` under the stage folder ``out`` (local or ``s
   that map a patch back to the original B-scan (see :class:`anogan_ray.data.retina.BscanGeometry`).
 * ``out/summary.json``: counts, rejects, timings; written last, so its presence marks a finished run.
 
-Re-runs are idempotent: the stage folder's outputs are deleted before the new ones are written,
-and patch ids and random positions depend only on the inputs and ``cfg.seed``, so a re-run
-writes the same set of rows, never duplicates. (A run that dies midway leaves no ``summary.json``.)
+Re-runs are idempotent: patch ids and random positions depend only on the inputs and
+``cfg.seed``, so a re-run writes the same set of rows, never duplicates.
+
+**A re-run never destroys good output.** The run writes everything into ``out/_staging/``
+(``patches/``, ``rejects/``, ``geometry/`` and, last, ``summary.json``) and touches the stage
+folder's own outputs only once the staging folder is complete; a run that fails or is killed
+before that (a bad volume found late, a lost driver, a full disk) leaves the previous outputs
+as they were, and the next run discards its staging folder. Publishing then removes
+``out/summary.json``, replaces ``patches``, ``rejects`` and ``geometry`` one by one with their
+staged versions (:func:`anogan_ray.storage.replace`) and finally moves ``summary.json`` in.
+A publish that is cut short is finished by the next run before it stages anything: the staged
+``summary.json`` marks a staging folder as complete, and it is removed only after everything
+it vouches for is in place. So at every moment either the old outputs are complete in ``out/``
+or the new ones are complete in ``out/_staging/``, and ``out/summary.json`` is present only
+when ``out/`` holds one run's complete outputs.
+
+Why this and not a versioned folder behind a pointer file (the other usual answer to "S3 has no
+atomic rename"): every consumer reads ``out/patches`` as a plain folder of Parquet files
+(``--patches DIR/patches``, DuckDB, pyarrow), and a pointer would make each of them resolve it,
+or see every version at once. The price is the publish step itself: locally each table is
+swapped by two renames (a reader sees the old or the new table whole), but on S3 a table is
+deleted and then copied in object by object, so a reader *during* those seconds can find it
+incomplete (never a mix of two runs' rows; rerun the reader). ``summary.json`` is absent for
+that window, which is how a careful reader tells.
 """
 
 from __future__ import annotations
@@ -46,6 +67,8 @@ from anogan_ray.tables import PATCH_COLUMNS
 log = logging.getLogger(__name__)
 
 REJECT_COLUMNS = ("source", "volume_id", "reason")
+STAGING = "_staging"  # the folder inside the stage folder where a run writes its outputs
+PUBLISHED = ("patches", "rejects", "geometry")  # moved from the staging folder when complete
 
 
 def _record_url(records_url: str, volume_id: str) -> str:
@@ -148,6 +171,25 @@ def _write_table(url: str, table: pa.Table) -> None:
     storage.write_bytes(url, buffer.getvalue())
 
 
+def _finish_publishing(out: str) -> None:
+    """Publish ``out``'s staging folder if it is complete (its ``summary.json`` is there), then
+    remove it; an incomplete one is only removed. Repeatable at any point (see the module
+    docstring)."""
+    staging = storage.join(out, STAGING)
+    marker = storage.join(staging, "summary.json")
+    if storage.exists(marker):
+        storage.remove(storage.join(out, "summary.json"))  # out/ is not one run's outputs now
+        for name in PUBLISHED:
+            staged = storage.join(staging, name)
+            # locally a published table's staged folder is gone (renamed into out/); on S3 it
+            # stays until the end, and a missing one means the run wrote nothing there
+            if storage.is_remote(out) or storage.exists(staged):
+                storage.replace(staged, storage.join(out, name))
+        storage.replace(marker, storage.join(out, "summary.json"))
+        storage.remove(marker)  # S3 keeps a copy's source: the marker goes before the rest
+    storage.remove(staging)
+
+
 def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]:
     """Preprocess a cohort: manifest -> patch table, rejects, geometry and ``summary.json``.
 
@@ -166,17 +208,11 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
     frame = read_manifest(manifest)
     ensure_ray()
 
-    patches_url = storage.join(out, "patches")
-    records_url = storage.join(out, "_volumes")
+    _finish_publishing(out)  # a publish cut short is finished, an unfinished staging dropped
+    staging = storage.join(out, STAGING)
+    records_url = storage.join(staging, "_volumes")
     # one filesystem for the driver's many small operations (each new s3fs one costs a session)
-    fs, root = storage.filesystem(out)
-    stale = [
-        f"{root}/{name}" for name in ("summary.json", "patches", "rejects", "geometry", "_volumes")
-    ]
-    present = {p.rstrip("/") for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
-    stale = [path for path in stale if path in present]
-    if stale:
-        fs.rm(stale, recursive=True)
+    fs, root = storage.filesystem(staging)
 
     records = [
         {
@@ -191,7 +227,7 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
         }
         for row in frame.to_dict("records")
     ]
-    arrow_fs, arrow_path = storage.arrow_filesystem(patches_url)
+    arrow_fs, arrow_path = storage.arrow_filesystem(storage.join(staging, "patches"))
     volumes = ray.data.from_items(records, override_num_blocks=max(1, len(records)))
     patches = volumes.map_batches(
         _patches_of_volumes,
@@ -218,12 +254,12 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
         raise RuntimeError(f"preprocess: no outcome recorded for volumes {sorted(missing)}")
 
     _write_table(
-        storage.join(out, "rejects", "rejects.parquet"),
+        storage.join(staging, "rejects", "rejects.parquet"),
         pa.table({c: pa.array([o[c] for o in rejects], pa.string()) for c in REJECT_COLUMNS}),
     )
     geometry = [g for o in done for g in o["geometry"]]
     _write_table(
-        storage.join(out, "geometry", "geometry.parquet"),
+        storage.join(staging, "geometry", "geometry.parquet"),
         pa.table(
             {
                 "volume_id": pa.array([g["volume_id"] for g in geometry], pa.string()),
@@ -238,6 +274,8 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
     )
     if record_files:
         fs.rm(record_root, recursive=True)
+    for name in PUBLISHED:  # locally a folder for each, even an empty one (see _finish_publishing)
+        storage.makedirs(storage.join(staging, name))
 
     elapsed = time.perf_counter() - started
     step_seconds = {step: round(sum(o["timings"][step] for o in done), 4) for step in STEPS}
@@ -245,7 +283,7 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
     summary = {
         "manifest": manifest,
         "out": out,
-        "patches": patches_url,
+        "patches": storage.join(out, "patches"),
         "volumes": len(records),
         "volumes_read": len(done),
         "volumes_rejected": len(rejects),
@@ -261,7 +299,8 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
         "step_seconds": step_seconds,
         "config": {key: getattr(cfg, key) for key in cfg.__dataclass_fields__},
     }
-    storage.write_json(storage.join(out, "summary.json"), summary)
+    storage.write_json(storage.join(staging, "summary.json"), summary)  # staging complete
+    _finish_publishing(out)
     log.info(
         "preprocess: %d volumes read, %d rejected, %d patches in %.1fs",
         len(done),
