@@ -135,7 +135,8 @@ def train_recipe(
     Each epoch visits the patches in a seeded random order in full batches (as the harness:
     ``N // batch_size`` steps per epoch); z is drawn from torch's global generator seeded as the
     harness's first worker. ``on_checkpoint(step, modules)`` runs every ``every`` steps and at
-    the end; its time is not counted as training time.
+    the end; its time is not counted as training time, and the global RNG is restored after it,
+    so the trained models are the same with or without a learning curve.
     """
     cfg = recipe_config(cfg, recipe)
     model_cfg, train_cfg = cfg.model, cfg.train
@@ -162,7 +163,9 @@ def train_recipe(
             step += 1
             if on_checkpoint is not None and ((every and step % every == 0) or step == total_steps):
                 t0 = time.perf_counter()
+                rng_state = torch.get_rng_state()  # building the curve's models draws from it
                 on_checkpoint(step, modules, history)
+                torch.set_rng_state(rng_state)  # training goes on as without the curve
                 seconds_in_checkpoints += time.perf_counter() - t0
     stacked = torch.stack(history).numpy() if history else np.zeros((0, len(recipe.metric_names)))
     last_epoch = stacked[-steps_per_epoch:].mean(0) if len(stacked) else stacked.mean(0)
