@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -265,7 +266,7 @@ def plot_curve(curve: list[dict[str, Any]], path: str, title: str) -> str | None
             ax.plot(steps, [point["auc"][name] for point in curve], style, label=name)
     ax.set_xlabel("GAN training steps")
     ax.set_ylabel("patch AUC")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, 90), fontsize=6)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
