@@ -87,6 +87,9 @@ class ModelConfig:
     kernel_size: int = _choices(4, 5, default=5)  # paper: 5 x 5 filters
     image_size: int = _choices(64, default=64)  # patch side in pixels
     latent_prior: str = _choices("normal", "uniform", default="normal")  # distribution of z
+    d_norm: str = _choices("batch", "spectral", "layer", default="batch")  # D's normalization:
+    # BatchNorm (DCGAN, the paper), spectral norm on every layer and no BatchNorm (SN-GAN), or
+    # LayerNorm (a WGAN-GP critic, f-AnoGAN); E and the aCAE keep BatchNorm whatever this says
 
 
 @dataclass
@@ -98,6 +101,11 @@ class TrainConfig:
     lr_generator: float = _positive(2e-4)  # Adam learning rate of G
     lr_discriminator: float = _positive(2e-4)  # Adam learning rate of D
     beta1: float = _unit(0.5)  # Adam beta1, as in DCGAN
+    beta2: float = _unit(0.999)  # Adam beta2 (WGAN-GP and f-AnoGAN: beta1 0, beta2 0.9)
+    objective: str = _choices("gan", "wgan-gp", default="gan")  # the GAN's loss: eq. (1) of the
+    # paper, or f-AnoGAN's WGAN-GP (needs model.d_norm spectral or layer: no BatchNorm in D)
+    n_critic: int = _at_least(1, 5)  # wgan-gp: D (critic) updates per G update
+    gradient_penalty: float = _at_least(0.0, 10.0)  # wgan-gp: weight of the gradient penalty
     num_workers: int = _at_least(1, 1)  # DDP workers
     use_gpu: bool = False  # one GPU per worker (NCCL) instead of CPU (gloo)
     checkpoint_every: int = _at_least(1, 200)  # steps between checkpoints
@@ -248,6 +256,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     for name, f in sections.items():
         cls = f.default_factory().__class__  # type: ignore[misc]
         built[name] = _build_section(name, cls, data.get(name) or {})
+    if built["train"].objective == "wgan-gp" and built["model"].d_norm == "batch":
+        raise ConfigError(
+            "train.objective: 'wgan-gp' penalizes D's gradient per patch, which BatchNorm mixes "
+            "across the batch; set model.d_norm to 'layer' (f-AnoGAN) or 'spectral'"
+        )
     return Config(**built)
 
 

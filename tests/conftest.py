@@ -326,7 +326,7 @@ def _train_in_process(
     history = []
     for _ in range(steps):
         real = pixels[torch.randint(0, len(pixels), (train_cfg.batch_size,), generator=rng)]
-        history.append(recipe.step(modules, optimizers, real, model_cfg))
+        history.append(recipe.step(modules, optimizers, real, model_cfg, train_cfg))
     return modules, history
 
 

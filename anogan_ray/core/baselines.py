@@ -13,6 +13,7 @@ Both scores are "higher = more anomalous" and sum over the patch's pixels like R
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -31,7 +32,8 @@ class AdversarialAutoencoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.encoder_convs = Discriminator(cfg).convs  # state size. (8c) x 4 x 4
+        # state size. (8c) x 4 x 4; BatchNorm whatever the GAN's D uses (model.d_norm)
+        self.encoder_convs = Discriminator(dataclasses.replace(cfg, d_norm="batch")).convs
         self.encoder_code = nn.Sequential(
             nn.Flatten(), nn.Linear(8 * cfg.base_channels * 4 * 4, cfg.latent_dim)
         )

@@ -17,6 +17,7 @@ The model bundle (DESIGN.md §3.3) is a folder:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
 
 from anogan_ray import storage
 from anogan_ray.config import ConfigError, ModelConfig, config_from_dict
@@ -78,6 +81,19 @@ class Generator(nn.Module):
         return self.upsample(self.project(z))
 
 
+def _d_layer(layer: nn.Module, d_norm: str) -> nn.Module:
+    """A conv / linear layer of D, spectrally normalized when ``d_norm`` is ``"spectral"``."""
+    return spectral_norm(layer) if d_norm == "spectral" else layer
+
+
+def _d_norm_layer(channels: int, d_norm: str) -> nn.Module:
+    """The normalization after a conv of D: BatchNorm, or LayerNorm over (C, H, W) per patch."""
+    if d_norm == "batch":
+        return nn.BatchNorm2d(channels)
+    # one group: LayerNorm over (C, H, W) with a per-channel affine, as WGAN-GP's critic
+    return nn.GroupNorm(1, channels)
+
+
 class Discriminator(nn.Module):
     """patch (B, 1, 64, 64) -> logit (B,); ``features`` is its last convolution layer."""
 
@@ -88,9 +104,12 @@ class Discriminator(nn.Module):
         pad, _ = _padding(k)
 
         def down(cin: int, cout: int, norm: bool = True) -> list[nn.Module]:
-            layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, 2, pad, bias=not norm)]
-            if norm:
-                layers.append(nn.BatchNorm2d(cout))
+            normalized = norm and cfg.d_norm != "spectral"  # a norm layer follows: no bias
+            layers: list[nn.Module] = [
+                _d_layer(nn.Conv2d(cin, cout, k, 2, pad, bias=not normalized), cfg.d_norm)
+            ]
+            if normalized:
+                layers.append(_d_norm_layer(cout, cfg.d_norm))
             return [*layers, nn.LeakyReLU(0.2, inplace=True)]
 
         self.convs = nn.Sequential(
@@ -99,7 +118,9 @@ class Discriminator(nn.Module):
             *down(2 * c, 4 * c),  # state size. (4c) x 8 x 8
             *down(4 * c, 8 * c),  # state size. (8c) x 4 x 4
         )
-        self.classify = nn.Sequential(nn.Flatten(), nn.Linear(8 * c * 4 * 4, 1))
+        self.classify = nn.Sequential(
+            nn.Flatten(), _d_layer(nn.Linear(8 * c * 4 * 4, 1), cfg.d_norm)
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """f(x) of eq. (4): the last convolution layer's activations, (B, 8c, 4, 4)."""
@@ -118,7 +139,8 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.convs = Discriminator(cfg).convs  # state size. (8c) x 4 x 4
+        # state size. (8c) x 4 x 4; BatchNorm whatever D uses (E is trained like an autoencoder)
+        self.convs = Discriminator(dataclasses.replace(cfg, d_norm="batch")).convs
         self.code = nn.Sequential(
             nn.Flatten(), nn.Linear(8 * cfg.base_channels * 4 * 4, cfg.latent_dim), nn.Tanh()
         )
@@ -128,14 +150,30 @@ class Encoder(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """DCGAN initialization: conv/linear weights N(0, 0.02), BatchNorm scale N(1, 0.02), bias 0."""
+    """DCGAN initialization: conv/linear weights N(0, 0.02), BatchNorm scale N(1, 0.02), bias 0.
+
+    A spectrally normalized layer gets the same initial weight, and its power-iteration vectors
+    are re-estimated for it.
+    """
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-        nn.init.normal_(module.weight, 0.0, 0.02)
+        if parametrize.is_parametrized(module, "weight"):
+            nn.init.normal_(module.parametrizations.weight.original, 0.0, 0.02)
+            _restart_power_iteration(module)
+        else:
+            nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+def _restart_power_iteration(module: nn.Module) -> None:
+    """Re-estimate a spectrally normalized layer's singular vectors for its current weight, as
+    ``spectral_norm`` does when it is applied (15 power iterations)."""
+    norm = module.parametrizations.weight[0]
+    original = module.parametrizations.weight.original
+    norm._power_method(norm._reshape_weight_to_matrix(original), 15)
 
 
 def build_models(cfg: ModelConfig, seed: int = 0) -> tuple[Generator, Discriminator]:

@@ -5,7 +5,8 @@ of real patches. The Ray Train harness (:mod:`anogan_ray.pipelines.train`) runs 
 owns DDP, data sharding and shuffling, checkpoints (every module's and optimizer's state dict,
 under the module's name), resume, failure handling, progress and reports.
 
-- ``gan``: AnoGAN's DCGAN, G and D (the paper's eq. (1)).
+- ``gan``: AnoGAN's DCGAN, G and D (the paper's eq. (1); or f-AnoGAN's WGAN-GP with
+  ``train.objective: wgan-gp``, :mod:`anogan_ray.core.wgan_gp`).
 - ``acae``: the adversarial convolutional autoencoder baseline (:mod:`anogan_ray.core.baselines`).
 - ``encoder``: f-AnoGAN's encoder E (izi_f), trained with the exported G and D frozen.
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from anogan_ray.config import ModelConfig, TrainConfig
 from anogan_ray.core.baselines import acae_step, build_acae
 from anogan_ray.core.model import Encoder, build_models, init_weights, sample_latent
+from anogan_ray.core.wgan_gp import wgan_gp_step
 
 Modules = dict[str, nn.Module]
 Optimizers = dict[str, torch.optim.Optimizer]
@@ -40,13 +42,13 @@ class Recipe:
     name: str
     build: Callable[[ModelConfig, int], Modules]  # (model config, seed) -> fresh modules
     learning_rates: Callable[[TrainConfig], dict[str, float]]  # module name -> Adam lr
-    step: Callable[[Modules, Optimizers, torch.Tensor, ModelConfig], torch.Tensor]
+    step: Callable[[Modules, Optimizers, torch.Tensor, ModelConfig, TrainConfig], torch.Tensor]
     metric_names: tuple[str, ...]  # what ``step``'s returned vector holds, in order
     samples: str | None = None  # module whose G(z) the epoch previews show (None: no previews)
     frozen: tuple[str, ...] = ()  # modules loaded from an earlier run's export, never trained
 
     def optimizers(self, modules: Modules, train_cfg: TrainConfig) -> Optimizers:
-        betas = (train_cfg.beta1, 0.999)
+        betas = (train_cfg.beta1, train_cfg.beta2)
         return {
             name: torch.optim.Adam(modules[name].parameters(), lr=lr, betas=betas)
             for name, lr in self.learning_rates(train_cfg).items()
@@ -122,8 +124,19 @@ GAN = Recipe(
     name="gan",
     build=_build_gan,
     learning_rates=lambda t: {"generator": t.lr_generator, "discriminator": t.lr_discriminator},
-    step=lambda m, o, real, cfg: gan_step(
-        m["generator"], m["discriminator"], o["generator"], o["discriminator"], real, cfg
+    step=lambda m, o, real, cfg, train_cfg: (
+        gan_step(m["generator"], m["discriminator"], o["generator"], o["discriminator"], real, cfg)
+        if train_cfg.objective == "gan"
+        else wgan_gp_step(
+            m["generator"],
+            m["discriminator"],
+            o["generator"],
+            o["discriminator"],
+            real,
+            cfg,
+            train_cfg,
+            unwrap(m["discriminator"]),
+        )
     ),
     metric_names=("d_loss", "g_loss", "d_real", "d_fake"),
     samples="generator",
@@ -147,7 +160,7 @@ ACAE = Recipe(
         "autoencoder": t.lr_generator,
         "latent_discriminator": t.lr_discriminator,
     },
-    step=lambda m, o, real, cfg: acae_step(
+    step=lambda m, o, real, cfg, _: acae_step(
         m["autoencoder"],
         m["latent_discriminator"],
         o["autoencoder"],
@@ -201,7 +214,7 @@ ENCODER = Recipe(
     name="encoder",
     build=_build_encoder,
     learning_rates=lambda t: {"encoder": t.lr_generator},
-    step=lambda m, o, real, cfg: encoder_step(
+    step=lambda m, o, real, cfg, _: encoder_step(
         m["encoder"], o["encoder"], real, m["generator"], m["discriminator"]
     ),
     metric_names=("image_mse", "feature_mse"),

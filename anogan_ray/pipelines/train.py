@@ -478,7 +478,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             real = torch.from_numpy(decode_pixels(batch["pixels"])).unsqueeze(1).to(device)
             # real: (B, 1, 64, 64) in [-1, 1]
-            sums += recipe.step(modules, optimizers, real, model_cfg)
+            sums += recipe.step(modules, optimizers, real, model_cfg, train_cfg)
             sums_steps += 1
             step += 1
             end_of_epoch = batch_index + 1 == steps_per_epoch
