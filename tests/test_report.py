@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,16 +22,22 @@ _SMALL = dict(top_k=4, volumes=2, embed_patches=120, marker_patches=60, clusters
 def test_full_report_writes_every_picture(scored_cohort, tmp_path):
     out = str(tmp_path / "report")
     metrics.calibrate(scored_cohort["scores"], out=str(tmp_path / "threshold.json"))
+    model = tmp_path / "model"  # the bundle with the generative-quality record training writes
+    shutil.copytree(scored_cohort["model"], model)
+    epochs = {str(e): {"step": 10 * e, "sliced_wasserstein": 0.3 / e} for e in range(1, 6)}
+    record = {"epochs": epochs, "real_vs_real": 0.04, "metric": "sliced Wasserstein-1"}
+    (model / "generative_quality.json").write_text(json.dumps(record))
     result = report.report(
         scored_cohort["scores"],
         out,
         patches=scored_cohort["patches"],
-        model=scored_cohort["model"],
+        model=str(model),
         threshold=str(tmp_path / "threshold.json"),
         **_SMALL,
     )
     assert result["skipped"] == {}
     expected = {"roc", "histograms", "top_k", "tsne", "markers", "volume_p0_od", "volume_p1_od"}
+    expected.add("quality")
     assert set(result["images"]) == expected
     for url in result["images"].values():
         with Image.open(url) as image:

@@ -91,7 +91,7 @@ def test_scores_every_patch_once_on_s3_and_rerun_adds_nothing(
 ):
     patches, out = f"{bucket}/patches", f"{bucket}/score"
     total = _standard_table(patches, cohort_images)
-    cfg = ScoreConfig(steps=20, z_lr=0.05, batch_size=16, reference_score=True)
+    cfg = ScoreConfig(steps=20, z_lr=0.05, batch_size=16, reference_score=True, save_z=True)
 
     summary = score(patches, tiny_bundle, out, cfg)
 
@@ -141,8 +141,15 @@ def test_scores_every_patch_once_on_s3_and_rerun_adds_nothing(
     assert [row["key"] for row in rows] == sorted([summary["key"], other["key"]])
     for row, result in zip(rows, sorted([first, second], key=lambda r: r["key"])):
         assert row["n"] == 48 and row["A"] == pytest.approx(result["scores"]["A"]["auc"])
-    pictures = report(scores, str(tmp_path / "report"), key={"lambda": 0.3})
-    assert len(pictures["keys"]) == 2
+    # the report of real scores from a trained model: the patches it puts first are the lesions
+    pictures = report(scores, str(tmp_path / "report"), patches=patches, model=tiny_bundle,
+                      key={"lambda": 0.1}, top_k=8, marker_patches=16, clusters=2)  # fmt: skip
+    assert {"roc", "top_k", "tsne", "markers"} <= set(pictures["images"])
+    assert pictures["auc"]["A"] == pytest.approx(first["scores"]["A"]["auc"])
+    assert pictures["auc"]["A"] > 0.7  # the floor of the tiny model (test_invert.AUC_FLOOR)
+    markers = pq.read_table(str(tmp_path / "report" / "markers.parquet")).to_pandas()
+    assert (markers["label"].head(8) == 1).mean() >= 0.75  # the top-8 are mostly lesions
+    assert len(pictures["keys"]) == 2  # and every key of the table side by side
     assert "Every scoring key" in (tmp_path / "report" / "index.html").read_text()
 
 

@@ -217,6 +217,18 @@ def _histogram_figure(frame: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def _quality_figure(record: dict[str, Any]) -> plt.Figure:
+    """Training's generative-quality figure per epoch, with the real-vs-real floor."""
+    epochs = sorted(record["epochs"], key=int)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([int(e) for e in epochs], [record["epochs"][e]["sliced_wasserstein"] for e in epochs],
+            marker="o", label="G's samples vs real patches")  # fmt: skip
+    ax.axhline(record["real_vs_real"], color="grey", ls="--", label="real vs real (the floor)")
+    ax.set(xlabel="epoch", ylabel="sliced Wasserstein-1", title="generative quality in training")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def _enface(volume: pd.DataFrame, score: str = "anomaly_score") -> np.ndarray:
     """Max patch score over (B-scan index, lateral column); NaN where no patch covers."""
     width = int(volume["x"].max()) + PATCH_SIZE
@@ -500,6 +512,20 @@ def report(
 
         bundle = load_bundle(model)
     need = "needs the patch table (--patches) and the model bundle (--model)"
+    from anogan_ray.core.model import QUALITY_FILE
+
+    quality = storage.join(model, QUALITY_FILE) if model else None
+    if quality and storage.exists(quality):
+        images["quality"] = _save(
+            _quality_figure(storage.read_json(quality)), storage.join(out, "quality.png")
+        )
+        captions["quality"] = (
+            "Generative quality per training epoch: sliced Wasserstein distance between G's "
+            "samples and real training patches on fixed features (lower is better; the dashed "
+            "line is two real samples, what a perfect G would reach)."
+        )
+    else:
+        skipped["quality"] = "needs a model bundle (--model) written by `train`"
     ranked = chosen.sort_values(["anomaly_score", "patch_id"], ascending=[False, True])
 
     if bundle is None:

@@ -37,6 +37,7 @@ from anogan_ray.config import ConfigError, ModelConfig, config_from_dict
 BUNDLE_FORMAT = 1
 _BUNDLE_FILES = ("config.json", "generator.pt", "discriminator.pt")
 ENCODER_FILE = "encoder.pt"  # optional member: the trained encoder E
+QUALITY_FILE = "generative_quality.json"  # training's generative-quality record, per epoch
 _BASELINE_FILES = {"acae": "acae.pt", "pca": "pca.npz"}  # optional members
 _OPTIONAL_FILES = (ENCODER_FILE, *_BASELINE_FILES.values())  # in model_id order
 

@@ -44,6 +44,7 @@ from anogan_ray.config import Config, ModelConfig, config_from_dict
 from anogan_ray.core.baselines import PCABaseline
 from anogan_ray.core.export import SAMPLE_GRID, export_bundle, exported_models, sample_grid_png
 from anogan_ray.core.model import (
+    QUALITY_FILE,
     sample_latent,
 )
 from anogan_ray.core.recipes import (
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 TRAIN_SPLIT = "train"
 RUNS_FOLDER = "_runs"  # Ray Train run storage inside the stage folder
 SAMPLES_FOLDER = "samples"
-QUALITY_FILE = "generative_quality.json"
 _STATE_FILE = "state.pt"  # tensors and plain containers only (loaded with weights_only=True)
 _META_FILE = "meta.json"  # model config, data fingerprint, step: checked before resuming
 _SHUFFLE_BUFFER = 1024  # rows in each worker's local shuffle buffer (on top of the global shuffle)
