@@ -92,13 +92,18 @@ def test_missing_train_split_is_a_clear_error(ray_local, tmp_path):
         train(str(tmp_path), str(tmp_path / "model"), _config())
 
 
+def _registered_checkpoint(run_url: str) -> bool:
+    snapshot = f"{run_url}/checkpoint_manager_snapshot.json"
+    return storage.exists(snapshot) and bool(
+        storage.read_json(snapshot).get("latest_checkpoint_result")
+    )
+
+
 def _train_killing_workers(patch_table: str, out: str, cfg, runs: list[str]) -> dict:
     """Run ``train`` and SIGKILL one Ray Train worker process in each of ``runs`` (run names, in
-    the order they train) once that run has two checkpoints.
-
-    The second: a checkpoint on storage may not be registered with Ray Train yet when the kill
-    lands, the one before it is (the report of step 2 reaches the controller long before step 4's
-    checkpoint is written).
+    the order they train) once Ray Train has registered a checkpoint of that run: the run's
+    checkpoint-manager snapshot (written by the controller after it registers one) names it, so
+    the restart must resume from it, whatever the machine's load.
     """
     result: dict = {}
     runner = threading.Thread(
@@ -108,7 +113,7 @@ def _train_killing_workers(patch_table: str, out: str, cfg, runs: list[str]) -> 
     killed: list[int] = []
     while runner.is_alive() and len(killed) < len(runs):
         run = runs[len(killed)]
-        if len(storage.list_files(f"{out}/_runs/{run}", suffix="state.pt")) >= 2:
+        if _registered_checkpoint(f"{out}/_runs/{run}"):
             workers = [
                 p
                 for p in psutil.process_iter(["cmdline"])
@@ -133,10 +138,10 @@ def test_ddp_replicas_stay_identical_survive_a_killed_worker_and_resume(patch_ta
         "train.checkpoint_every=2",
         "train.max_failures=1",
     )
-    # A worker's process is SIGKILLed from outside (as an OOM killer would) once two
-    # checkpoints are on S3, in the GAN's run and again in the encoder's (the same harness);
-    # Ray Train restarts both workers from the latest checkpoint it had registered. Never from
-    # step 0, and each run still ends at its last step.
+    # A worker's process is SIGKILLed from outside (as an OOM killer would) once Ray Train has
+    # registered a checkpoint, in the GAN's run and again in the encoder's (the same harness);
+    # Ray Train restarts both workers from the latest checkpoint it registered. Never from step 0,
+    # and each run still ends at its last step.
     summary = _train_killing_workers(patch_table, out, cfg, ["anogan", "anogan-encoder"])
     assert 2 <= summary["resumed_from_step"] < 16
     encoder = summary["other_models"]["encoder"]
