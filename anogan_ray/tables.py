@@ -115,7 +115,8 @@ def pixels_from_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_list(urls: str | Sequence[str]) -> list[str]:
+def as_list(urls: str | Sequence[str]) -> list[str]:
+    """One table location or several -> a list."""
     return [urls] if isinstance(urls, str) else list(urls)
 
 
@@ -175,7 +176,7 @@ def open_dataset(urls: str | Sequence[str], what: str = "score table") -> ds.Dat
         TableError: a location holds no Parquet files, or a file cannot be read.
     """
     children = []
-    for url in _as_list(urls):
+    for url in as_list(urls):
         url = url.rstrip("/")
         files = storage.list_files(url, ".parquet")
         if not files:
@@ -328,7 +329,7 @@ def read_scores(
         where: and only the rows this filter keeps.
     """
     dataset = open_dataset(urls)
-    chosen = select_key(dataset, key, f"score table {', '.join(_as_list(urls))}")
+    chosen = select_key(dataset, key, f"score table {', '.join(as_list(urls))}")
     names = dataset.schema.names
     wanted = [c for c in (columns or [c for c in names if c != "z"]) if c in names]
     keep = chosen.expression()

@@ -26,7 +26,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from anogan_ray import storage
-from anogan_ray.tables import KEY_COLUMNS, ScoringKey, TableError, open_dataset, select_key
+from anogan_ray.tables import (
+    KEY_COLUMNS,
+    ScoringKey,
+    TableError,
+    as_list,
+    open_dataset,
+    select_key,
+)
 
 # The scores a user ranks or aggregates by; p_d is D's "real" probability (low = anomalous).
 SCORE_COLUMNS = (
@@ -43,10 +50,6 @@ LEVELS = ("volume", "subject")
 FORMATS = ("table", "csv", "parquet", "json")
 
 
-def _as_list(urls: str | Sequence[str]) -> list[str]:
-    return [urls] if isinstance(urls, str) else list(urls)
-
-
 def connect(urls: str | Sequence[str], key: str | dict | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the score table(s) registered as the view ``scores``.
 
@@ -58,7 +61,7 @@ def connect(urls: str | Sequence[str], key: str | dict | None = None) -> duckdb.
     if key is None:
         con.register("scores", dataset)
         return con
-    chosen = select_key(dataset, key, f"score table {', '.join(_as_list(urls))}")
+    chosen = select_key(dataset, key, f"score table {', '.join(as_list(urls))}")
     con.register("all_scores", dataset)
     con.execute(f"CREATE VIEW scores AS SELECT * FROM all_scores WHERE {_sql_match(chosen)}")
     return con
@@ -75,7 +78,7 @@ def _sql_match(key: ScoringKey) -> str:
 
 def keys(scores: str | Sequence[str]) -> pa.Table:
     """The scoring keys a score table holds, with their row counts (``query --keys``)."""
-    urls = _as_list(scores)
+    urls = as_list(scores)
     group = ", ".join(f'"{c}"' for c in KEY_COLUMNS)
     table = _run(connect(urls), f"SELECT {group}, COUNT(*) AS patches FROM scores "
                  f"GROUP BY {group} ORDER BY {group}", [], urls)  # fmt: skip
@@ -133,7 +136,7 @@ def top_k(
         key: the scoring key (text or fields, see :func:`anogan_ray.tables.select_key`); may be
             left out when the table holds one.
     """
-    urls = _as_list(scores)
+    urls = as_list(scores)
     con = connect(urls, key or {})
     _check_columns(con, [score], urls)
     where, params = _filters(subject, volume, split)
@@ -164,7 +167,7 @@ def aggregate(
     """
     if level not in LEVELS:
         raise TableError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
-    urls = _as_list(scores)
+    urls = as_list(scores)
     con = connect(urls, key or {})
     _check_columns(con, [score], urls)
     keys = ["subject_id", "volume_id"] if level == "volume" else ["subject_id"]
@@ -195,7 +198,7 @@ def aggregate(
 def sql(scores: str | Sequence[str], query: str) -> pa.Table:
     """Run any SQL against the view ``scores`` (e.g. ``SELECT split, COUNT(*) FROM scores
     GROUP BY split``)."""
-    urls = _as_list(scores)
+    urls = as_list(scores)
     return _run(connect(urls), query, [], urls)
 
 
