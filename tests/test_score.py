@@ -190,13 +190,15 @@ def test_malformed_patches_go_to_rejects_and_the_rest_is_scored(
 def test_killed_job_resumes_and_scores_every_patch_exactly_once(
     ray_local, tmp_path, tiny_bundle, synthetic_patches
 ):
-    n = 96
+    n = 128
     images = synthetic_patches(n, seed=30)
     patches, out = str(tmp_path / "patches"), str(tmp_path / "score")
     write_patch_table(
         patches, [_patch_rows(images, np.zeros(n), "test", "s4-k")], [encode_pixels(images)]
     )
-    settings = "steps=20, z_lr=0.05, batch_size=8, rows_per_file=8"
+    # Enough steps per batch that the run is many seconds from its second staged file to its end,
+    # however fast the machine: the kill must land mid-run.
+    settings = "steps=60, z_lr=0.05, batch_size=8, rows_per_file=8"
     code = (
         "from anogan_ray.config import ScoreConfig; from anogan_ray.pipelines.score import score; "
         f"score({patches!r}, {tiny_bundle!r}, {out!r}, ScoreConfig({settings}))"
@@ -208,13 +210,13 @@ def test_killed_job_resumes_and_scores_every_patch_exactly_once(
     while time.monotonic() < deadline and job.poll() is None:
         if len(list(staging.rglob("*.parquet"))) >= 2:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert job.poll() is None, "the job finished before it could be killed"
     os.killpg(job.pid, signal.SIGKILL)  # a real kill, mid-run
     job.wait()
     assert not (tmp_path / "score" / "summary.json").exists()
 
-    summary = score(patches, tiny_bundle, out, ScoreConfig(steps=20, z_lr=0.05, batch_size=8))
+    summary = score(patches, tiny_bundle, out, ScoreConfig(steps=60, z_lr=0.05, batch_size=8))
 
     ids = read_scores(out)["patch_id"].to_pylist()
     assert len(ids) == len(set(ids)) == n  # every patch, exactly once
