@@ -10,7 +10,7 @@ OUT ?= demo-out
 $(BIN)/anogan-ray: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,vendor]'
 	touch $@
 
 ## demo: the main job, end to end on the built-in synthetic cohort with a local Ray

@@ -76,6 +76,9 @@ class PreprocessConfig:
     retina_margin: int = _at_least(0, 8)  # pixels kept above the ILM and below the RPE
     rows_per_file: int = _at_least(1, 50_000)  # Parquet rows per output file (upper bound)
     seed: int = 0  # random patch positions depend only on this and the patch's B-scan
+    # ILM / BM for flattening: the file's layer segmentation when it has one (auto), ours (own),
+    # or the file's and reject volumes without one (file)
+    segmentation: str = _choices("auto", "own", "file", default="auto")
 
 
 @dataclass

@@ -46,6 +46,7 @@ PATCH_COLUMNS = (
     "anomaly_fraction",  # float32, share of annotated pixels (NaN when unknown)
     "volume_label",  # int8: the volume's (image's) label, -1 unknown, 0 healthy, 1 pathological
     "source",  # str, the input URL
+    "spacing_source",  # str: where the A-scan spacing came from: file, manifest, or none (images)
 )
 
 LABEL_UNKNOWN = -1

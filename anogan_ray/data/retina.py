@@ -414,6 +414,9 @@ class VolumePatches:
     geometry: list[BscanGeometry]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
     bscans: int = 0
+    spacing_x_um: float | None = None  # the A-scan spacing used (None: not resampled)
+    spacing_source: str = "none"  # file, manifest, or none
+    segmentation: dict[str, Any] = field(default_factory=dict)  # used; differences to the file's
 
     @property
     def num_patches(self) -> int:
@@ -423,14 +426,16 @@ class VolumePatches:
 STEPS = ("read", "normalize", "resample", "segment", "flatten", "patch")
 
 
-def _volume_label(label: Any, mask: np.ndarray | None) -> int:
+def _volume_label(label: Any, mask: np.ndarray | None, annotated_bscans: np.ndarray | None) -> int:
     """The volume's (image's) label: the manifest's (None / NA / -1: none), else any annotated
-    pixel of the mask.
+    pixel of the mask (a mask that covers only some B-scans and shows nothing there: unknown).
 
     Raises:
         VolumeError: the manifest's label contradicts the mask.
     """
     annotated = None if mask is None else int(np.count_nonzero(mask))
+    if annotated == 0 and annotated_bscans is not None and not annotated_bscans.all():
+        annotated = None  # healthy where annotated says nothing about the other B-scans
     if label is None or pd.isna(label) or int(label) == LABEL_UNKNOWN:
         return LABEL_UNKNOWN if annotated is None else int(annotated > 0)
     label = int(label)
@@ -439,6 +444,77 @@ def _volume_label(label: Any, mask: np.ndarray | None) -> int:
             f"label {label} contradicts the mask, which annotates {annotated} pixel(s)"
         )
     return label
+
+
+def _spacing(given: Any, scan: volumes.Scan, path: str) -> tuple[float, str]:
+    """The A-scan spacing (µm) and where it came from: the file's, else the manifest's.
+
+    Raises:
+        VolumeError: neither states one, or they differ by more than 1 %.
+    """
+    manifest = None
+    if given is not None and np.isfinite(float(given)) and float(given) > 0:
+        manifest = float(given)
+    stated = scan.spacing_x_um
+    if stated is not None and manifest is not None and abs(manifest - stated) > 0.01 * stated:
+        raise VolumeError(
+            f"spacing_x_um {manifest:g} µm in the manifest disagrees with {stated:g} µm stated by "
+            f"the file {path} (more than 1 %)"
+        )
+    if stated is not None:
+        return stated, "file"
+    if manifest is not None:
+        return manifest, "manifest"
+    raise VolumeError("missing spacing_x_um for an OCT volume (the file does not state it)")
+
+
+def _file_boundary(rows: np.ndarray, width: int, x_scale: float) -> np.ndarray:
+    """A file's layer (n, original width; NaN where not segmented) on the resampled columns
+    (n, width), interpolated along x; all-NaN B-scans stay NaN."""
+    columns = (np.arange(width) + 0.5) * x_scale - 0.5
+    out = np.full((rows.shape[0], width), np.nan, np.float32)
+    for index, row in enumerate(rows):
+        known = np.flatnonzero(np.isfinite(row))
+        if known.size >= 2:
+            out[index] = np.interp(columns, known, row[known])
+    return out
+
+
+def _layers(
+    scan: volumes.Scan, image: np.ndarray, x_scale: float, mode: str
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """ILM and BM (n, width) in the resampled frame, and how they were chosen.
+
+    ``own`` segments the image; ``file`` takes the file's layers (ILM and BM from the device or
+    the data set), ``auto`` the file's when it has both. Our own segmentation always runs, and
+    where the file has layers the mean absolute row difference between the two is reported
+    (B-scans the file leaves unsegmented take ours).
+
+    Raises:
+        VolumeError: ``file`` asked for and the file has no ILM / BM layers.
+    """
+    ilm, bm = segment_retina(image)
+    has_file = "ilm" in scan.layers and "bm" in scan.layers
+    if mode == "file" and not has_file:
+        raise VolumeError("preprocess.segmentation=file, but the file has no ILM / BM layers")
+    info: dict[str, Any] = {"used": "own"}
+    if not has_file:
+        return ilm, bm, info
+    width = image.shape[-1]
+    file_ilm = _file_boundary(np.asarray(scan.layers["ilm"], np.float32), width, x_scale)
+    file_bm = _file_boundary(np.asarray(scan.layers["bm"], np.float32), width, x_scale)
+    for name, ours, theirs in (("ilm", ilm, file_ilm), ("bm", bm, file_bm)):
+        known = np.isfinite(theirs)
+        info[f"{name}_mean_abs_difference_px"] = (
+            round(float(np.abs(theirs[known] - ours[known]).mean()), 3) if known.any() else None
+        )
+    if mode == "own":
+        return ilm, bm, info
+    info["used"] = "file"
+    height = image.shape[1]
+    file_ilm = np.clip(np.where(np.isfinite(file_ilm), file_ilm, ilm), 0, height - 1)
+    file_bm = np.clip(np.where(np.isfinite(file_bm), file_bm, bm), 0, height - 1)
+    return file_ilm.astype(np.float32), np.maximum(file_bm, file_ilm).astype(np.float32), info
 
 
 def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePatches:
@@ -464,22 +540,24 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
     size = cfg.patch_size
     volume_id = str(record["volume_id"])
     is_oct = record["modality"] == "oct"
-    spacing = record.get("spacing_x_um")
-    if is_oct and (spacing is None or not np.isfinite(float(spacing)) or float(spacing) <= 0):
-        raise VolumeError("missing spacing_x_um for an OCT volume")
-    raw = volumes.read_volume(str(record["path"]))
+    scan = volumes.read_scan(str(record["path"]))
+    raw = scan.image
     volumes.check_image_values(raw)
-    mask = None
-    if record.get("mask_path"):
+    spacing, spacing_source = None, "none"
+    if is_oct:
+        spacing, spacing_source = _spacing(record.get("spacing_x_um"), scan, str(record["path"]))
+    mask, annotated_bscans = scan.mask, scan.annotated_bscans
+    if record.get("mask_path"):  # the manifest's mask wins over a data set's
         try:
             mask = volumes.read_volume(str(record["mask_path"]))
         except VolumeError as exc:
             raise VolumeError(f"mask: {exc}") from exc
-        if mask.shape != raw.shape:
-            raise VolumeError(
-                f"mask shape {tuple(mask.shape)} differs from image shape {tuple(raw.shape)}"
-            )
-    volume_label = _volume_label(record.get("label"), mask)
+        annotated_bscans = None
+    if mask is not None and mask.shape != raw.shape:
+        raise VolumeError(
+            f"mask shape {tuple(mask.shape)} differs from image shape {tuple(raw.shape)}"
+        )
+    volume_label = _volume_label(record.get("label"), mask, annotated_bscans)
     lap("read")
 
     image = normalize_volume(raw)
@@ -488,10 +566,10 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
     n_bscans, height, width = image.shape
     x_scale = 1.0
     if is_oct:
-        image = resample_x(image, float(spacing), cfg.target_spacing_um)
+        image = resample_x(image, spacing, cfg.target_spacing_um)
         x_scale = width / image.shape[-1]
         if mask is not None:
-            mask = resample_x(mask, float(spacing), cfg.target_spacing_um, nearest=True)
+            mask = resample_x(mask, spacing, cfg.target_spacing_um, nearest=True)
         width = image.shape[-1]
     if height < size or width < size:
         raise VolumeError(
@@ -500,8 +578,9 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
         )
     lap("resample")
 
+    segmentation: dict[str, Any] = {}
     if is_oct:
-        ilm, bm = segment_retina(image)
+        ilm, bm, segmentation = _layers(scan, image, x_scale, cfg.segmentation)
         bm_row = flat_bm_row(ilm, bm, height, cfg.retina_margin)
         shifts = flatten_shifts(bm, bm_row)
     else:
@@ -518,7 +597,7 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
     for index in range(n_bscans):
         flat_image = flatten(image[index], shifts[index]) if is_oct else image[index]
         flat_mask = None
-        if mask is not None:
+        if mask is not None and (annotated_bscans is None or annotated_bscans[index]):
             flat_mask = flatten(mask[index], shifts[index], fill=0) if is_oct else mask[index]
         top = ilm[index] + shifts[index]
         bottom = bm[index] + shifts[index]
@@ -544,7 +623,7 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
             if flat_mask is None and volume_label == 0:  # a healthy image: healthy patches
                 out["label"].append(0)
                 out["anomaly_fraction"].append(0.0)
-            elif flat_mask is None:  # pathological somewhere, or unlabelled: unknown per patch
+            elif flat_mask is None:  # pathological somewhere, unlabelled, or B-scan not annotated
                 out["label"].append(LABEL_UNKNOWN)
                 out["anomaly_fraction"].append(np.nan)
             else:
@@ -571,5 +650,14 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
         "anomaly_fraction": np.asarray(out["anomaly_fraction"], dtype=np.float32),
         "volume_label": np.full(count, volume_label, dtype=np.int8),
         "source": np.array([str(record["path"])] * count, dtype=object),
+        "spacing_source": np.array([spacing_source] * count, dtype=object),
     }
-    return VolumePatches(columns=columns, geometry=geometry, timings=timings, bscans=n_bscans)
+    return VolumePatches(
+        columns=columns,
+        geometry=geometry,
+        timings=timings,
+        bscans=n_bscans,
+        spacing_x_um=spacing,
+        spacing_source=spacing_source,
+        segmentation=segmentation,
+    )

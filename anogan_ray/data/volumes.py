@@ -4,7 +4,9 @@ Formats (by file suffix):
 
 * ``.npy``: a 3-D volume ``(n_bscans, height, width)`` or one 2-D image ``(height, width)``;
 * ``.tif`` / ``.tiff``: a multi-page volume (one page per B-scan) or one 2-D image, gray or RGB;
-* ``.png``, ``.jpg`` / ``.jpeg``: one 2-D image, 8 or 16 bit, gray or color.
+* ``.png``, ``.jpg`` / ``.jpeg``: one 2-D image, 8 or 16 bit, gray or color;
+* vendor formats and public data-set layouts (HEYEX, DICOM, Duke, RETOUCH, Topcon, Zeiss, B-scan
+  folders), read through the field's libraries: see :mod:`anogan_ray.data.vendor`.
 
 Every reader returns a 3-D array ``(n_bscans, height, width)`` in the file's own numeric type; a
 2-D image is one B-scan, and color is converted to gray (ITU-R BT.601 luma weights). A file that
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -38,6 +41,18 @@ class ManifestError(ValueError):
 
 class VolumeError(ValueError):
     """One volume or image cannot be used; the message is the reject reason."""
+
+
+@dataclass
+class Scan:
+    """One volume as read from its file: the image and what the file knows beyond it."""
+
+    image: np.ndarray  # (n_bscans, height, width), the file's numeric type
+    format: str  # "npy", "tiff", "image", or a vendor format such as "heyex-vol", "dicom"
+    spacing_x_um: float | None = None  # A-scan spacing the file states
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # "ilm"/"bm": (n, width) rows
+    mask: np.ndarray | None = None  # (n, height, width) lesion mask from the data set
+    annotated_bscans: np.ndarray | None = None  # (n,) bool: B-scans the mask covers (None: all)
 
 
 def _is_blank(value: object) -> bool:
@@ -184,6 +199,9 @@ def _read_image(data: bytes) -> np.ndarray:
 def read_volume(url: str) -> np.ndarray:
     """Read a volume or 2-D image as ``(n_bscans, height, width)`` (file's numeric type).
 
+    The plain formats only (``.npy``, TIFF, PNG, JPEG): masks, and the images of
+    :func:`read_scan`.
+
     Raises:
         VolumeError: the file is missing, unreadable or truncated, of an unknown format, or not
             2-D / 3-D after color conversion.
@@ -208,7 +226,10 @@ def read_volume(url: str) -> np.ndarray:
             array = _read_image(data)
     except Exception as exc:  # every decoder has its own error types for corrupt data
         raise VolumeError(f"unreadable or truncated file ({type(exc).__name__}: {exc})") from exc
-    array = np.asarray(array)
+    return _checked_dimensions(np.asarray(array))
+
+
+def _checked_dimensions(array: np.ndarray) -> np.ndarray:
     if array.dtype.kind not in "uif" and array.dtype != bool:
         raise VolumeError(f"wrong data type {array.dtype} (expected numbers)")
     if array.ndim == 2:
@@ -220,6 +241,48 @@ def read_volume(url: str) -> np.ndarray:
     if min(array.shape) == 0:
         raise VolumeError(f"wrong dimensions {tuple(array.shape)} (empty)")
     return array
+
+
+def scan_format(url: str) -> str | None:
+    """The format :func:`read_scan` reads ``url`` as, from its suffix (or, for a folder, its
+    contents); ``None`` when it is not a supported scan."""
+    from anogan_ray.data import vendor
+
+    suffix = os.path.splitext(url.lower().rstrip("/"))[1]
+    if suffix in VOLUME_SUFFIXES:
+        return {".npy": "npy", ".tif": "tiff", ".tiff": "tiff"}.get(suffix, "image")
+    if suffix in vendor.VENDOR_SUFFIXES:
+        return vendor.VENDOR_SUFFIXES[suffix]
+    if not suffix:
+        return vendor.folder_format(url)
+    return None
+
+
+def read_scan(url: str) -> Scan:
+    """Read any supported scan: the plain formats of :func:`read_volume`, the vendor formats and
+    data-set layouts of :mod:`anogan_ray.data.vendor` (by suffix), or a folder holding one volume
+    (RETOUCH, B-scan images).
+
+    Raises:
+        VolumeError: the reject reason (unsupported or lying format, unreadable file, a missing
+            optional package, wrong dimensions).
+    """
+    from anogan_ray.data import vendor
+
+    fmt = scan_format(url)
+    if fmt is None:
+        suffixes = (*VOLUME_SUFFIXES, *vendor.VENDOR_SUFFIXES)
+        suffix = os.path.splitext(url.lower().rstrip("/"))[1]
+        what = f"format {suffix!r}" if suffix else "folder (no oct.mhd, not only B-scan images)"
+        raise VolumeError(
+            f"unsupported {what}; use one of {', '.join(suffixes)}, a RETOUCH folder or a "
+            "folder of B-scan images"
+        )
+    if fmt in ("npy", "tiff", "image"):
+        return Scan(image=read_volume(url), format=fmt)
+    scan = vendor.read_vendor(url, fmt)
+    scan.image = _checked_dimensions(np.asarray(scan.image))
+    return scan
 
 
 def check_image_values(volume: np.ndarray) -> None:

@@ -90,6 +90,7 @@ def _empty_columns(cfg: PreprocessConfig) -> dict[str, np.ndarray]:
         "anomaly_fraction": np.array([], dtype=np.float32),
         "volume_label": np.array([], dtype=np.int8),
         "source": np.array([], dtype=object),
+        "spacing_source": np.array([], dtype=object),
     }
 
 
@@ -108,6 +109,9 @@ def _volume_record(
             bscans=result.bscans,
             patches=result.num_patches,
             timings=result.timings,
+            spacing_x_um=result.spacing_x_um,
+            spacing_source=result.spacing_source,
+            segmentation=result.segmentation,
             geometry=[
                 {
                     "volume_id": record["volume_id"],
@@ -295,6 +299,18 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
             for split in SPLITS
             if any(o["split"] == split for o in done)
         },
+        # per OCT volume: the A-scan spacing and its source, the layers used for flattening and,
+        # where the file has its own, their mean absolute row difference to ours
+        "volume_geometry": [
+            {
+                "volume_id": o["volume_id"],
+                "spacing_x_um": o["spacing_x_um"],
+                "spacing_source": o["spacing_source"],
+                **o["segmentation"],
+            }
+            for o in done
+            if o["spacing_source"] != "none"
+        ],
         "seconds": round(elapsed, 3),
         "step_seconds": step_seconds,
         "config": {key: getattr(cfg, key) for key in cfg.__dataclass_fields__},

@@ -58,6 +58,7 @@ from anogan_ray.tables import (
 log = logging.getLogger(__name__)
 
 META_COLUMNS = tuple(c for c in PATCH_COLUMNS if c != "pixels")
+_MISSING = {"label": -1, "volume_label": -1, "spacing_source": ""}  # columns older tables lack
 REJECT_REASON = "reject_reason"  # internal column: "" for a scored row
 THREADS_PER_CPU_ACTOR = 2  # torch threads per scoring actor on CPU (measured best on 2 cores)
 
@@ -96,7 +97,7 @@ def prepare_batch(batch: dict[str, np.ndarray], splits: list[str]) -> dict[str, 
     out = {name: np.asarray(batch[name])[keep] for name in META_COLUMNS if name in batch}
     for name in META_COLUMNS:
         if name not in out:  # an optional column missing from this table
-            out[name] = np.full(n, -1 if name in ("label", "volume_label") else np.nan)
+            out[name] = np.full(n, _MISSING.get(name, np.nan))
     pixels = np.zeros((n, PATCH_SIZE, PATCH_SIZE), dtype=np.uint8)
     reasons = np.full(n, "", dtype=object)
     for i, values in enumerate(np.asarray(batch["pixels"], dtype=object)[keep]):
