@@ -259,8 +259,7 @@ def test_duke_amd_layers_through_eyepy(tmp_path, scans):
 
 def test_cohort_of_vendor_files_through_preprocess(ray_local, tmp_path, scans):
     """A manifest without spacings over VOL, DICOM, RETOUCH and Duke files: spacing and layers
-    come from the files, labels from the data sets' masks; the VOL is read from S3-like paths
-    elsewhere (test_object_storage covers storage), here from disk."""
+    come from the files, labels from the data sets' masks, a missing file is a reject."""
     healthy, sick = scans
     write_heyex_vol(str(tmp_path / "a.vol"), healthy)
     write_dicom(str(tmp_path / "b.dcm"), sick)
@@ -291,3 +290,16 @@ def test_cohort_of_vendor_files_through_preprocess(ray_local, tmp_path, scans):
     assert 1 in labels["r"] <= {0, 1} and 1 in labels["c"] <= {0, 1}  # RETOUCH's, Duke's masks
     assert labels["b"] == {LABEL_UNKNOWN}  # labelled volume, no mask: patches unknown
     assert table.loc[table["volume_id"] == "r", "volume_label"].eq(1).all()
+
+
+def test_vendor_files_on_object_storage(bucket, tmp_path, scans):
+    """A VOL file and a RETOUCH folder (its .mhd names a .raw beside it) read from S3."""
+    write_heyex_vol(str(tmp_path / "eye.vol"), scans[0])
+    write_retouch(str(tmp_path / "case"), scans[1])
+    for local in [tmp_path / "eye.vol", *sorted((tmp_path / "case").iterdir())]:
+        storage.write_bytes(f"{bucket}/in/{local.relative_to(tmp_path)}", local.read_bytes())
+    vol = volumes.read_scan(f"{bucket}/in/eye.vol")
+    assert vol.spacing_x_um == pytest.approx(11.5) and "ilm" in vol.layers
+    case = volumes.read_scan(f"{bucket}/in/case")
+    assert case.format == "retouch" and case.spacing_x_um == pytest.approx(11.5)
+    np.testing.assert_array_equal(case.mask, scans[1].mask != 0)
