@@ -215,10 +215,17 @@ def test_killed_job_resumes_and_scores_every_patch_exactly_once(
     os.killpg(job.pid, signal.SIGKILL)  # a real kill, mid-run
     job.wait()
     assert not (tmp_path / "score" / "summary.json").exists()
+    staged = sorted(staging.rglob("*.parquet"))
+
+    # a job of another scoring key into the same folder leaves the killed key's staging alone
+    other = score(patches, tiny_bundle, out, ScoreConfig(steps=1, z_lr=0.05, batch_size=32))
+    assert other["patches_scored"] == n and other["patches_recovered_from_earlier_run"] == 0
+    assert all(path.exists() for path in staged)
 
     summary = score(patches, tiny_bundle, out, ScoreConfig(steps=60, z_lr=0.05, batch_size=8))
 
-    ids = read_scores(out)["patch_id"].to_pylist()
+    rows = read_scores(out)
+    ids = rows.filter(pads.field("steps") == 60)["patch_id"].to_pylist()
     assert len(ids) == len(set(ids)) == n  # every patch, exactly once
     assert summary["patches_recovered_from_earlier_run"] > 0  # the killed run's finished files
     assert summary["patches_scored"] < n  # the re-run scored only what was left

@@ -5,17 +5,20 @@ Layout of the stage folder ``out`` (local path or ``s3://``):
     out/scores/*.parquet     the score table (DESIGN.md §3.4), one row per patch per scoring key
     out/rejects/*.parquet    patches that could not be scored: patch_id, split, source, reason, key
     out/summary.json         counts, timings and AUCs of the last run
-    out/_staging/<run>/      files Ray Data is writing now (never read as part of the table)
+    out/_staging/<key>/<run>/  files Ray Data is writing now (never read as part of the table);
+                             <key> is a hash of the scoring key
 
 Exactly once. A row's identity is (patch_id, scoring key), the key being (model_id, lambda, steps,
 z_lr, mapping) (:class:`anogan_ray.tables.ScoringKey`): a re-run with the same bundle and settings
 adds nothing, one with another λ adds a new row per patch. Ray Data's
 ``write_parquet`` writes straight to its final path, so a killed job can leave a half-written file
-there; it therefore writes into ``out/_staging/<run>/``, and only the commit step moves complete
+there; it therefore writes into ``out/_staging/<key>/<run>/``, and only the commit step moves complete
 files (their Parquet footer reads) into ``out/scores`` and ``out/rejects``, dropping rows whose key
 is already there. The commit runs at the end of every run and at the start of the next one, so the
 files finished before a kill are kept, half-written ones are discarded, and the next run scores
-exactly the patches that are still missing. One job at a time per ``out`` folder.
+exactly the patches that are still missing. Jobs of different scoring keys may write into one
+``out`` folder at the same time (each commits and clears only its own key's staging); one job at a
+time per scoring key.
 
 Malformed patches (pixels of the wrong size, NaN or infinite, outside 0..255) are not scored; they
 go to the rejects table with the reason. A float ``pixels`` column is read on the same 0..255 scale
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -207,17 +211,24 @@ def _write_atomic(table: pa.Table, url: str, staging_dir: str) -> None:
     os.replace(tmp, storage.filesystem(url)[1])  # atomic rename on the same filesystem
 
 
-def commit_staged(out: str) -> dict[str, int]:
-    """Move complete staged files into the score and rejects tables, each row at most once.
+def _staging(out: str, key: ScoringKey) -> str:
+    """The folder where runs of this scoring key stage their files."""
+    return storage.join(out, "_staging", hashlib.sha1(str(key).encode()).hexdigest()[:16])
+
+
+def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
+    """Move this key's complete staged files into the score and rejects tables, each row at most
+    once (a retried task may have staged a patch twice).
 
     Returns:
         Counts: ``scored`` and ``rejected`` rows committed, ``duplicates`` dropped and
         ``partial_files`` (half-written by a killed job) discarded.
     """
     counts = {"scored": 0, "rejected": 0, "duplicates": 0, "partial_files": 0}
-    staged = storage.list_files(storage.join(out, "_staging"), ".parquet")
+    staging = _staging(out, key)
+    staged = storage.list_files(staging, ".parquet")
     fs, _ = storage.arrow_filesystem(out)
-    done: dict[tuple, set[str]] = {}
+    done: dict[str, set[str]] = {}
     for url in staged:
         path = storage.filesystem(url)[1]
         try:
@@ -234,12 +245,11 @@ def commit_staged(out: str) -> dict[str, int]:
         ):
             if rows.num_rows == 0:
                 continue
-            key = (kind, ScoringKey(*(rows[c][0].as_py() for c in KEY_COLUMNS)))
-            if key not in done:
+            if kind not in done:
                 table_url = storage.join(out, "scores" if kind == "scored" else "rejects")
-                existing = read_committed(table_url, ["patch_id"], key[1].expression())
-                done[key] = set(existing["patch_id"].to_pylist())
-            fresh = pc.invert(pc.is_in(rows["patch_id"], pa.array(list(done[key]), pa.string())))
+                existing = read_committed(table_url, ["patch_id"], key.expression())
+                done[kind] = set(existing["patch_id"].to_pylist())
+            fresh = pa.array([i not in done[kind] for i in rows["patch_id"].to_pylist()])
             counts["duplicates"] += rows.num_rows - int(pc.sum(fresh).as_py() or 0)
             rows = rows.filter(fresh)
             if rows.num_rows == 0:
@@ -253,11 +263,14 @@ def commit_staged(out: str) -> dict[str, int]:
                 )
             target = storage.join(out, "scores" if kind == "scored" else "rejects", name)
             _write_atomic(rows, target, storage.parent(url))
-            done[key].update(rows["patch_id"].to_pylist())
+            done[kind].update(rows["patch_id"].to_pylist())
             counts[kind] += rows.num_rows
         storage.remove(url)
     with contextlib.suppress(FileNotFoundError):  # S3 "folders" vanish with their last object
-        storage.remove(storage.join(out, "_staging"))  # one job at a time: nothing else in there
+        storage.remove(staging)  # one job per key at a time: nothing else in there
+    if not storage.is_remote(out):  # the shared parent, once no key stages anything
+        with contextlib.suppress(OSError):
+            os.rmdir(storage.filesystem(storage.join(out, "_staging"))[1])
     return counts
 
 
@@ -325,10 +338,10 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         )
     if cfg.mapping == "encoder":  # z = E(x) and no steps: one key whatever score.steps says
         cfg = dataclasses.replace(cfg, steps=0)
-    recovered = commit_staged(out)  # files a killed run finished; half-written ones are dropped
+    key = scoring_key(model_id, cfg)
+    recovered = commit_staged(out, key)  # a killed run's finished files; half-written ones dropped
     if recovered["scored"] or recovered["rejected"] or recovered["partial_files"]:
         log.info("recovered from an earlier run: %s", recovered)
-    key = scoring_key(model_id, cfg)
     done = _done_ids(out, key)
     log.info("%d patches already scored or rejected under model %s", len(done), model_id)
 
@@ -342,7 +355,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         return prepare_batch(batch, cfg.splits)
 
     device, actors, resources = _resources(cfg)
-    staging = storage.join(out, "_staging", uuid.uuid4().hex[:12])
+    staging = storage.join(_staging(out, key), uuid.uuid4().hex[:12])
     out_fs, staging_path = storage.arrow_filesystem(staging)
     # A marker object: when nothing is left to score, Ray deletes the empty output folder, which
     # on S3 exists only while it holds an object.
@@ -378,7 +391,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     finally:
         context.target_max_block_size = saved_block_size
     scoring_seconds = time.perf_counter() - scoring_started
-    committed = commit_staged(out)
+    committed = commit_staged(out, key)
 
     total = _done_ids(out, key)
     rejected_total = read_committed(
