@@ -140,7 +140,9 @@ class ScoreConfig:
     splits: list[str] = field(
         default_factory=lambda: ["val", "test"], metadata={"each_of": ("train", "val", "test")}
     )  # which splits of the patch table to score
-    device: str = _choices("auto", "cpu", "cuda", default="auto")  # where inversion runs
+    device: str = _choices("auto", "cpu", "cuda", default="auto")  # where inversion runs; auto:
+    # GPUs whenever the cluster has or its autoscaler can add them, else CPU
+    gpu_wait_s: float = _positive(600.0)  # how long a GPU job waits for the autoscaler's first GPU
     fast_math: bool = False  # on GPU: TF32 matmuls (checked against fp32 scores)
     rows_per_file: int = _at_least(1, 10_000)  # score-table rows per file; also what a kill loses
 

@@ -144,3 +144,62 @@ def test_losing_a_worker_node_mid_run_still_scores_every_patch_once(run_losing_a
     assert sorted(scored) == sorted(run_losing_a_node["ids"])  # every patch, exactly once
     assert summary["patches_scored"] == summary["patches_scored_total"] == PATCHES
     assert summary["patches_recovered_from_earlier_run"] == 0  # one run, no rerun
+
+
+# --- which device a scoring job takes (issue 17): real nodes that advertise GPUs, and the cluster
+# config an autoscaler publishes in the GCS ---
+
+
+def _publish_autoscaler_config(gpu_nodes: int) -> None:
+    """Publish a cluster config with a GPU node type, as Ray's autoscaler does in the GCS."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    key, namespace = GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    if gpu_nodes == 0:
+        _internal_kv_del(key, namespace=namespace)
+        return
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add(name="gpu-workers", min_count=0, max_count=gpu_nodes)
+    group.resources.update({"CPU": 8, "GPU": 1})
+    _internal_kv_put(key, config.SerializeToString(), namespace=namespace)
+
+
+def test_scoring_device_follows_what_the_cluster_can_get(cluster):
+    from anogan_ray.pipelines.score import _gpu_type, _resources, cluster_gpus
+
+    cluster_obj, _ = cluster
+    # CPU nodes only, no autoscaler: auto takes the CPUs, cuda fails at once and says why
+    device, pool, resources = _resources(ScoreConfig(device="auto"))
+    assert device == "cpu" and resources == {"num_cpus": 1}
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="no GPU and its autoscaler cannot add one"):
+        _resources(ScoreConfig(device="cuda", gpu_wait_s=60))
+    assert time.monotonic() - started < 10
+
+    # an autoscaler that may add two GPU nodes: auto asks for GPUs and waits (bounded) for one
+    _publish_autoscaler_config(gpu_nodes=2)
+    try:
+        assert cluster_gpus() == (0, 2)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"no GPU node came up within score.gpu_wait_s=2 s"):
+            _resources(ScoreConfig(device="auto", gpu_wait_s=2))
+        assert time.monotonic() - started < 15
+
+        # a GPU node joins: GPU actors, starting with the GPUs there, growing to what may come
+        gpu_node = cluster_obj.add_node(
+            num_cpus=1, num_gpus=1, resources={"accelerator_type:H100": 1},
+            object_store_memory=OBJECT_STORE,
+        )  # fmt: skip
+        try:
+            cluster_obj.wait_for_nodes()
+            device, pool, resources = _resources(ScoreConfig(device="auto"))
+            assert device == "cuda" and resources == {"num_gpus": 1}
+            assert (pool.min_size, pool.max_size) == (1, 2)
+            assert _gpu_type() == "H100"
+            assert _resources(ScoreConfig(device="cpu"))[0] == "cpu"
+        finally:
+            cluster_obj.remove_node(gpu_node)
+    finally:
+        _publish_autoscaler_config(gpu_nodes=0)

@@ -392,3 +392,15 @@ def test_parquet_manifest_with_missing_optional_values(tmp_path):
     assert manifest.loc[0, "spacing_x_um"] == 11.5 and np.isnan(manifest.loc[1, "spacing_x_um"])
     assert manifest.loc[0, "label"] == 0 and pd.isna(manifest.loc[1, "label"])
     assert manifest["mask_path"].isna().all()
+
+
+def test_manifest_blank_mask_paths_are_none_beside_given_ones(tmp_path):
+    """A mask on some rows only: the blank ones read as None (never NaN, which a reader would
+    take for a path)."""
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "subject_id,volume_id,path,modality,split,mask_path\n"
+        "s1,a,a.npy,oct,test,a_mask.npy\ns2,b,b.npy,oct,test,\n"
+    )
+    frame = volumes.read_manifest(str(manifest))
+    assert frame["mask_path"].tolist() == [str(tmp_path / "a_mask.npy"), None]

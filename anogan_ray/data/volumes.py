@@ -152,9 +152,11 @@ def read_manifest(url: str) -> pd.DataFrame:
     for column in REQUIRED_COLUMNS:
         frame[column] = frame[column].astype(str)
     frame["path"] = [storage.resolve(p, base) for p in frame["path"]]
-    frame["mask_path"] = [
-        None if _is_blank(p) else storage.resolve(str(p), base) for p in frame["mask_path"]
-    ]
+    frame["mask_path"] = pd.Series(  # object: blanks stay None (a str column would make NaN)
+        [None if _is_blank(p) else storage.resolve(str(p), base) for p in frame["mask_path"]],
+        dtype=object,
+        index=frame.index,
+    )
     frame["spacing_x_um"] = [
         float("nan") if _is_blank(s) else float(s) for s in frame["spacing_x_um"]
     ]

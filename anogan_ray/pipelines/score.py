@@ -279,17 +279,83 @@ def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resources(cfg: ScoreConfig) -> tuple[str, int, dict[str, Any]]:
-    """(device, number of actors, per-actor Ray resources) for this cluster."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
-    if use_gpu:
-        return "cuda", cfg.num_actors or max(1, gpus), {"num_gpus": 1}
+def cluster_gpus() -> tuple[int, int]:
+    """(GPUs in the cluster now, GPUs it can have): the second counts what the autoscaler's node
+    types may add (the cluster config it publishes in the GCS, as Ray Train reads it)."""
+    now = int(ray.cluster_resources().get("GPU", 0))
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no autoscaler (a local Ray, a fixed cluster): what is there is all
+        limits = {}
+    return now, max(now, int(min(limits.get("GPU", 0), 2**20)))
+
+
+def _gpu_type() -> str:
+    """The accelerator type Ray reports for the cluster's GPU nodes (e.g. H100), or ""."""
+    types = {
+        name.split(":", 1)[1]
+        for node in ray.nodes()
+        if node.get("Alive")
+        for name in node.get("Resources", {})
+        if name.startswith("accelerator_type:")
+    }
+    return ",".join(sorted(types))
+
+
+def _wait_for_gpus(reachable: int, wait_s: float) -> int:
+    """Ask the autoscaler for a GPU node and wait up to ``wait_s`` for one; the GPUs now present.
+
+    Raises:
+        RuntimeError: the cluster has no GPU and cannot get one, or none came within ``wait_s``.
+    """
+    if reachable == 0:
+        raise RuntimeError(
+            "score.device=cuda, but this cluster has no GPU and its autoscaler cannot add one "
+            "(no node type with GPUs); use score.device=cpu or a cluster with GPU workers"
+        )
+    from ray.autoscaler.sdk import request_resources
+
+    log.info("no GPU node yet; asking the autoscaler for one (waiting up to %.0f s)", wait_s)
+    request_resources(bundles=[{"GPU": 1}])
+    deadline = time.monotonic() + wait_s
+    try:
+        while time.monotonic() < deadline:
+            now = int(ray.cluster_resources().get("GPU", 0))
+            if now:
+                return now
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+    finally:
+        request_resources(bundles=[])  # the actor pool's own demand keeps the nodes from here
+    raise RuntimeError(
+        f"no GPU node came up within score.gpu_wait_s={wait_s:g} s although the cluster's "
+        f"autoscaler may add {reachable} GPU(s); check the autoscaler's log (ray status), or "
+        "use score.device=cpu"
+    )
+
+
+def _resources(cfg: ScoreConfig) -> tuple[str, ray.data.ActorPoolStrategy, dict[str, Any]]:
+    """(device, the actor pool, per-actor Ray resources) for this job.
+
+    ``auto`` takes GPUs whenever the cluster has or can get them (autoscaler node types
+    included), ``cuda`` requires them; with none present yet, the autoscaler is asked for one and
+    the job waits at most ``score.gpu_wait_s`` before failing with the reason. On GPUs the pool
+    starts with the GPUs present and may grow to what the autoscaler can add.
+    """
+    gpus, reachable = cluster_gpus()
+    if cfg.device == "cuda" or (cfg.device == "auto" and reachable > 0):
+        if gpus == 0:
+            gpus = _wait_for_gpus(reachable, cfg.gpu_wait_s)
+        if cfg.num_actors:
+            return "cuda", ray.data.ActorPoolStrategy(size=cfg.num_actors), {"num_gpus": 1}
+        pool = ray.data.ActorPoolStrategy(min_size=gpus, max_size=max(gpus, reachable))
+        return "cuda", pool, {"num_gpus": 1}
     # On CPU each actor runs 2 torch threads but asks Ray for 1 CPU, so reading and decoding
     # still get a CPU slot next to the actors (they are short, the inversion is long).
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = cfg.num_actors or max(1, cpus // THREADS_PER_CPU_ACTOR)
-    return "cpu", actors, {"num_cpus": 1}
+    return "cpu", ray.data.ActorPoolStrategy(size=actors), {"num_cpus": 1}
 
 
 def _aucs(out: str, key: ScoringKey) -> dict[str, float | None]:
@@ -354,13 +420,18 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         batch = {name: _column_to_numpy(table[name]) for name in table.column_names}
         return prepare_batch(batch, cfg.splits)
 
-    device, actors, resources = _resources(cfg)
+    device, pool, resources = _resources(cfg)
+    actors = pool.min_size
     staging = storage.join(_staging(out, key), uuid.uuid4().hex[:12])
     out_fs, staging_path = storage.arrow_filesystem(staging)
     # A marker object: when nothing is left to score, Ray deletes the empty output folder, which
     # on S3 exists only while it holds an object.
     storage.write_bytes(storage.join(staging, "_started"), b"")
-    log.info("scoring with %d %s actor(s), batch size %d", actors, device, cfg.batch_size)
+    log.info(
+        "scoring with %d %s actor(s)%s, batch size %d", actors, device,
+        f" (up to {pool.max_size} as GPU nodes come)" if pool.max_size > actors else "",
+        cfg.batch_size,
+    )  # fmt: skip
     # Blocks of about two scoring batches: each actor task scores a few batches and hands them on,
     # so staged files follow rows_per_file and a killed job loses little finished work.
     context = ray.data.DataContext.get_current()
@@ -376,7 +447,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
                 fn_constructor_args=(model, cfg, device, THREADS_PER_CPU_ACTOR),
                 batch_size=cfg.batch_size,
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors),
+                compute=pool,
                 **resources,
             )
         )
@@ -407,7 +478,9 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "reference_score": cfg.reference_score,
         "splits": cfg.splits,
         "device": device,
+        "gpu_type": _gpu_type() if device == "cuda" else "",
         "actors": actors,
+        "max_actors": pool.max_size,
         "batch_size": cfg.batch_size,
         "patches_scored": committed["scored"],
         "patches_rejected": committed["rejected"],
