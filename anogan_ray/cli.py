@@ -52,6 +52,28 @@ def _phantom(args: argparse.Namespace) -> dict[str, Any]:
     return write_cohort(_config(args).phantom, args.out)
 
 
+def _manifest(args: argparse.Namespace) -> dict[str, Any] | None:
+    from anogan_ray.data import manifest
+
+    labels = args.label_from_folder and manifest.parse_labels(args.label_from_folder)
+    report = manifest.build_manifest(
+        args.root,
+        args.out,
+        pattern=args.pattern,
+        label_from_folder=labels or None,
+        split=manifest.parse_split(args.split),
+        split_from_folder=args.split_from_folder,
+        train_healthy_only=args.train_healthy_only,
+        seed=args.seed,
+        modality=args.modality,
+        spacing_x_um=args.spacing_x_um,
+        bscan_folders=args.bscan_folders,
+        threads=args.threads,
+    )
+    print(manifest.format_report(report), file=sys.stderr if args.json else sys.stdout)
+    return report if args.json else None
+
+
 def _preprocess(args: argparse.Namespace) -> dict[str, Any]:
     from anogan_ray.pipelines.preprocess import preprocess
 
@@ -240,6 +262,70 @@ def build_parser() -> argparse.ArgumentParser:
             ("--out", "cohort folder (local or s3://)"),
         ],
         config=True,
+    )
+
+    p = command(
+        "manifest",
+        _manifest,
+        "Write a cohort manifest for a folder of scans (local or s3://): every file of a "
+        "supported format (one row per image, e.g. Kermany's class folders), every RETOUCH case "
+        "folder; each scan is read once (unreadable ones are skipped with the reason) and its "
+        "spacing taken from the file. Masks (*_mask.*, *mask* folders) fill mask_path. Splits are "
+        "by subject, shuffled with --seed; with labels, subjects with a label-1 volume stay out "
+        "of train. Prints what it found and skipped.",
+    )
+    p.add_argument(
+        "--from", dest="root", required=True, metavar="DIR", help="folder of scans (or s3://)"
+    )
+    p.add_argument("--out", required=True, help="the manifest to write, .csv or .parquet")
+    p.add_argument(
+        "--pattern",
+        metavar="REGEX",
+        help="ids from the path relative to DIR: named group subject (and optionally volume), "
+        r"e.g. '(?P<subject>\d+)-\d+\.jpeg$' (Kermany), 'Subject_(?P<subject>\d+)' (Duke); "
+        "paths it does not match are skipped (default: subject = file stem, volume = "
+        "relative path)",
+    )
+    p.add_argument(
+        "--label-from-folder",
+        metavar="NAME=LABEL,...",
+        help="label 0/1 from the nearest enclosing folder of that name (case-insensitive), e.g. "
+        "NORMAL=0,DME=1,CNV=1,DRUSEN=1; scans under none are skipped (default: no labels)",
+    )
+    p.add_argument(
+        "--split",
+        default="train=0.8,val=0.1,test=0.1",
+        metavar="NAME=FRACTION,...",
+        help="fractions of subjects per split, summing to 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--split-from-folder",
+        action="store_true",
+        help="folders named train / val / test decide the split instead of --split",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject shuffle (default 0)")
+    p.add_argument(
+        "--train-healthy-only",
+        action=argparse.BooleanOptionalAction,
+        help="subjects with any label-1 volume never go to train but to val/test in proportion "
+        "(default: on when --label-from-folder gives labels)",
+    )
+    p.add_argument(
+        "--modality", choices=["oct", "image"], default="oct", help="of every row (default oct)"
+    )
+    p.add_argument(
+        "--spacing-x-um",
+        type=float,
+        help="A-scan spacing in µm for scans whose file states none (plain images, .npy)",
+    )
+    p.add_argument(
+        "--bscan-folders",
+        action="store_true",
+        help="a leaf folder holding only images is one volume of B-scans, not one row per image",
+    )
+    p.add_argument("--threads", type=int, default=4, help="scans read at once (default 4)")
+    p.add_argument(
+        "--json", action="store_true", help="print the report as JSON (the text goes to stderr)"
     )
 
     command(
