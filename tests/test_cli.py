@@ -14,7 +14,17 @@ import pytest
 
 from anogan_ray.cli import build_parser, main
 
-COMMANDS = ("phantom", "preprocess", "train", "score", "query", "evaluate", "report", "demo")
+COMMANDS = (
+    "manifest",
+    "phantom",
+    "preprocess",
+    "train",
+    "score",
+    "query",
+    "evaluate",
+    "report",
+    "demo",
+)
 
 
 def test_every_stage_has_a_command_with_help(capsys):
@@ -22,7 +32,12 @@ def test_every_stage_has_a_command_with_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
         assert exit_info.value.code == 0
-        assert "--config" in capsys.readouterr().out or command in ("query", "evaluate", "report")
+        assert "--config" in capsys.readouterr().out or command in (
+            "manifest",
+            "query",
+            "evaluate",
+            "report",
+        )
 
 
 def test_a_bad_setting_is_a_clean_error_with_exit_code_2(tmp_path, capsys):
