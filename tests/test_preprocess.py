@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -176,24 +177,30 @@ def test_image_level_labels_flow_from_the_manifest(ray_local, tmp_path):
 # --- re-runs never destroy good output (issue 16): staged, then published ---------------------
 
 
+def _geometry(out: str) -> pa.Table:
+    """The geometry table: one file per volume, read as one table."""
+    fs, path = storage.arrow_filesystem(storage.join(out, "geometry"))
+    return pq.read_table(path, filesystem=fs)
+
+
 def _outputs(out: str) -> tuple[list[str], dict, bytes, bytes]:
     """(sorted patch ids, summary, rejects bytes, geometry bytes) of a stage folder."""
     return (
         sorted(_table(out)["patch_id"]),
         storage.read_json(storage.join(out, "summary.json")),
         storage.read_bytes(storage.join(out, "rejects", "rejects.parquet")),
-        storage.read_bytes(storage.join(out, "geometry", "geometry.parquet")),
+        _geometry(out).to_pandas().sort_values(["volume_id", "bscan"]).to_json().encode(),
     )
 
 
 def _failing_late(monkeypatch) -> None:
-    """Make preprocess fail after its patch table is written: the geometry write hits a full disk."""
+    """Make preprocess fail after its patch table is written: the rejects write hits a full disk."""
     import anogan_ray.pipelines.preprocess as stage
 
     write = stage._write_table
 
     def write_or_fail(url: str, table) -> None:
-        if "geometry" in url:
+        if "rejects" in url:
             raise OSError(28, "No space left on device", url)
         write(url, table)
 
@@ -256,8 +263,7 @@ def test_a_publish_cut_short_is_finished_by_the_next_run(
     ids, summary, *_ = _outputs(out)
     assert summary["config"]["patches_per_bscan"] == 5  # the killed run's complete outputs
     assert len(ids) == summary["patches_written"]
-    geometry = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/geometry/geometry.parquet")))
-    assert geometry.num_rows == summary["bscans"]
+    assert _geometry(out).num_rows == summary["bscans"]
 
 
 def test_a_killed_rerun_leaves_the_previous_table_readable(

@@ -11,8 +11,10 @@ Output layout of :func:`preprocess` under the stage folder ``out`` (local or ``s
   where the data allows). Read it back with :func:`anogan_ray.tables.read_patch_table`, which restores ``split``.
 * ``out/rejects/rejects.parquet``: one row per volume that could not be used (``source``,
   ``volume_id``, ``reason``); always written, empty when nothing was rejected.
-* ``out/geometry/geometry.parquet``: per B-scan, the x scale and the per-column flattening shift
-  that map a patch back to the original B-scan (see :class:`anogan_ray.data.retina.BscanGeometry`).
+* ``out/geometry/<hash of volume_id>.parquet``: per B-scan, the x scale and the per-column
+  flattening shift that map a patch back to the original B-scan, and the ILM / BM used (see
+  :class:`anogan_ray.data.retina.BscanGeometry`); one file per volume, written by the task that
+  preprocessed it, so the driver never holds the cohort's geometry (read the folder as one table).
 * ``out/summary.json``: counts, rejects, timings; written last, so its presence marks a finished run.
 
 Re-runs are idempotent: patch ids and random positions depend only on the inputs and
@@ -71,8 +73,24 @@ STAGING = "_staging"  # the folder inside the stage folder where a run writes it
 PUBLISHED = ("patches", "rejects", "geometry")  # moved from the staging folder when complete
 
 
-def _record_url(records_url: str, volume_id: str) -> str:
-    return storage.join(records_url, hashlib.sha1(volume_id.encode()).hexdigest() + ".json")
+def _volume_file(folder: str, volume_id: str, suffix: str) -> str:
+    """A per-volume file named after the volume (a retried task rewrites the same file)."""
+    return storage.join(folder, hashlib.sha1(volume_id.encode()).hexdigest() + suffix)
+
+
+def _geometry_table(volume_id: str, geometry: list) -> pa.Table:
+    """One volume's B-scan geometry as rows of the geometry table."""
+    return pa.table(
+        {
+            "volume_id": pa.array([volume_id] * len(geometry), pa.string()),
+            "bscan": pa.array([g.bscan for g in geometry], pa.int32()),
+            "x_scale": pa.array([g.x_scale for g in geometry], pa.float64()),
+            "bm_row": pa.array([g.bm_row for g in geometry], pa.int32()),
+            "shift": pa.array([g.shifts.tolist() for g in geometry], pa.list_(pa.int32())),
+            "ilm": pa.array([g.ilm.round(2).tolist() for g in geometry], pa.list_(pa.float32())),
+            "bm": pa.array([g.bm.round(2).tolist() for g in geometry], pa.list_(pa.float32())),
+        }
+    )
 
 
 def _empty_columns(cfg: PreprocessConfig) -> dict[str, np.ndarray]:
@@ -97,7 +115,8 @@ def _empty_columns(cfg: PreprocessConfig) -> dict[str, np.ndarray]:
 def _volume_record(
     record: dict[str, Any], result: VolumePatches | None, reason: str | None
 ) -> dict:
-    """What the driver needs to know about one volume (summary, rejects, geometry)."""
+    """What the driver needs to know about one volume (summary, rejects): small and fixed-size;
+    the B-scan geometry goes to the geometry table from the worker."""
     summary: dict[str, Any] = {
         "volume_id": record["volume_id"],
         "source": record["path"],
@@ -112,30 +131,18 @@ def _volume_record(
             spacing_x_um=result.spacing_x_um,
             spacing_source=result.spacing_source,
             segmentation=result.segmentation,
-            geometry=[
-                {
-                    "volume_id": record["volume_id"],
-                    "bscan": g.bscan,
-                    "x_scale": g.x_scale,
-                    "bm_row": g.bm_row,
-                    "shift": g.shifts.tolist(),
-                    "ilm": g.ilm.round(2).tolist(),
-                    "bm": g.bm.round(2).tolist(),
-                }
-                for g in result.geometry
-            ],
         )
     return summary
 
 
 def _patches_of_volumes(
-    batch: dict[str, np.ndarray], cfg: PreprocessConfig, records_url: str
+    batch: dict[str, np.ndarray], cfg: PreprocessConfig, staging: str
 ) -> dict:
     """Ray Data UDF: a batch of manifest rows -> their patch rows.
 
-    Each volume's outcome (patch count, timings, geometry, or its reject reason) is written to
-    ``records_url`` as a small JSON file named after the volume, so a retried task rewrites the
-    same file.
+    Each volume's outcome (patch count, timings, or its reject reason) is written to
+    ``staging/_volumes`` as a small JSON file named after the volume, and its B-scan geometry to
+    ``staging/geometry`` likewise, so a retried task rewrites the same files.
     """
     parts = []
     for index in range(len(batch["volume_id"])):
@@ -148,8 +155,15 @@ def _patches_of_volumes(
         except Exception as exc:  # a bug or an exotic file must not stop the cohort
             log.exception("volume %s failed", record["volume_id"])
             result, reason = None, f"processing failed ({type(exc).__name__}: {exc})"
+        volume_id = record["volume_id"]
+        if result is not None:
+            _write_table(
+                _volume_file(storage.join(staging, "geometry"), volume_id, ".parquet"),
+                _geometry_table(volume_id, result.geometry),
+            )
         storage.write_json(
-            _record_url(records_url, record["volume_id"]), _volume_record(record, result, reason)
+            _volume_file(storage.join(staging, "_volumes"), volume_id, ".json"),
+            _volume_record(record, result, reason),
         )
         if result is not None and result.num_patches:
             parts.append(result.columns)
@@ -214,7 +228,6 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
 
     _finish_publishing(out)  # a publish cut short is finished, an unfinished staging dropped
     staging = storage.join(out, STAGING)
-    records_url = storage.join(staging, "_volumes")
     # one filesystem for the driver's many small operations (each new s3fs one costs a session)
     fs, root = storage.filesystem(staging)
 
@@ -237,7 +250,7 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
         _patches_of_volumes,
         batch_size=1,  # one volume per task: the unit of work and of failure
         batch_format="numpy",
-        fn_kwargs={"cfg": cfg, "records_url": records_url},
+        fn_kwargs={"cfg": cfg, "staging": staging},
     )
     patches.write_parquet(
         arrow_path,
@@ -247,7 +260,7 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
         max_rows_per_file=cfg.rows_per_file,
     )
 
-    record_root = f"{root}/_volumes"
+    record_root = f"{root}/_volumes"  # the per-volume outcomes the tasks wrote
     record_files = sorted(fs.find(record_root)) if fs.exists(record_root) else []
     outcomes = [json.loads(data) for data in fs.cat(record_files).values()] if record_files else []
     outcomes.sort(key=lambda o: o["volume_id"])
@@ -260,21 +273,6 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
     _write_table(
         storage.join(staging, "rejects", "rejects.parquet"),
         pa.table({c: pa.array([o[c] for o in rejects], pa.string()) for c in REJECT_COLUMNS}),
-    )
-    geometry = [g for o in done for g in o["geometry"]]
-    _write_table(
-        storage.join(staging, "geometry", "geometry.parquet"),
-        pa.table(
-            {
-                "volume_id": pa.array([g["volume_id"] for g in geometry], pa.string()),
-                "bscan": pa.array([g["bscan"] for g in geometry], pa.int32()),
-                "x_scale": pa.array([g["x_scale"] for g in geometry], pa.float64()),
-                "bm_row": pa.array([g["bm_row"] for g in geometry], pa.int32()),
-                "shift": pa.array([g["shift"] for g in geometry], pa.list_(pa.int32())),
-                "ilm": pa.array([g["ilm"] for g in geometry], pa.list_(pa.float32())),
-                "bm": pa.array([g["bm"] for g in geometry], pa.list_(pa.float32())),
-            }
-        ),
     )
     if record_files:
         fs.rm(record_root, recursive=True)
