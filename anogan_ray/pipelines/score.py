@@ -411,12 +411,13 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     done = _done_ids(out, key)
     log.info("%d patches already scored or rejected under model %s", len(done), model_id)
 
-    done_ref = ray.put(done)
+    done_ref = ray.put(done) if len(done) else None
 
     def prepare(table: pa.Table) -> dict[str, np.ndarray]:
-        done_ids = ray.get(done_ref).cast(table["patch_id"].type)
-        fresh = pc.invert(pc.is_in(table["patch_id"], value_set=done_ids))
-        table = table.filter(fresh)
+        if done_ref is not None:  # a resumed run: leave out what is already done
+            done_ids = _done_set(done_ref)
+            ids = table["patch_id"].to_pylist()
+            table = table.filter(pa.array([i not in done_ids for i in ids], pa.bool_()))
         batch = {name: _column_to_numpy(table[name]) for name in table.column_names}
         return prepare_batch(batch, cfg.splits)
 
@@ -502,6 +503,19 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         summary["auc"],
     )  # fmt: skip
     return summary
+
+
+_DONE_SETS: dict[str, set[str]] = {}  # per worker process: the done ids of the current run
+
+
+def _done_set(ref: ray.ObjectRef) -> set[str]:
+    """The already-done patch ids as a set, built once per worker process and run (not once per
+    block: a per-block hash of every done id made a resume cost O(blocks x done))."""
+    key = ref.hex()
+    if key not in _DONE_SETS:
+        _DONE_SETS.clear()
+        _DONE_SETS[key] = set(ray.get(ref).to_pylist())
+    return _DONE_SETS[key]
 
 
 def _column_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
