@@ -5,8 +5,9 @@
 - The score table: the patch table's columns but ``pixels``, plus scores, keyed by
   (``patch_id``, scoring key); a table may hold several scoring keys (models, λ, Γ, z's rate,
   mappings), and every reader selects exactly one (:func:`select_key`).
-- One reader per table: :func:`read_patch_table` (Ray Data, for the pipelines),
-  :func:`open_dataset` (pyarrow, for analysis; DuckDB registers it), :func:`read_scores`.
+- One reader per table: :func:`read_patch_table` (Ray Data, for the pipelines; its rows are
+  counted by :func:`count_patches`), :func:`open_dataset` (pyarrow, for analysis; DuckDB
+  registers it), :func:`read_scores`.
 
 Importing this module does not import Ray (the torch core uses the patch ids and the codec).
 """
@@ -151,11 +152,7 @@ def read_patch_table(url: str, splits: Sequence[str] | None = None) -> ray.data.
 
     ensure_ray()
     url = patch_table_url(url)
-    # list the files once ourselves (one listing call; Ray's own discovery is slow on s3fs)
-    files = storage.list_files(url, ".parquet")
-    if splits is not None:
-        wanted = {f"split={split}" for split in splits}
-        files = [f for f in files if any(part in wanted for part in f.split("/"))]
+    files = _patch_table_files(url, splits)
     if not files:
         raise FileNotFoundError(f"no patch table files under {url} (splits: {splits or 'all'})")
     fs, path = storage.arrow_filesystem(url)
@@ -165,6 +162,27 @@ def read_patch_table(url: str, splits: Sequence[str] | None = None) -> ray.data.
     )
     present = set(dataset.schema().names)  # volume_label is absent from older tables
     return dataset.select_columns([c for c in PATCH_COLUMNS if c in present])
+
+
+def count_patches(url: str, splits: Sequence[str] | None = None) -> int:
+    """The number of patches in the patch table (of ``splits``), from the Parquet footers alone."""
+    url = patch_table_url(url)
+    files = _patch_table_files(url, splits)
+    if not files:
+        return 0
+    fs, _ = storage.arrow_filesystem(url)
+    paths = [storage.arrow_filesystem(f)[1] for f in files]
+    return ds.dataset(paths, filesystem=fs, format="parquet").count_rows()
+
+
+def _patch_table_files(url: str, splits: Sequence[str] | None) -> list[str]:
+    """The Parquet files of the patch table folder ``url`` that hold ``splits`` (None: all)."""
+    # one listing call of our own (Ray's file discovery is slow on s3fs)
+    files = storage.list_files(url, ".parquet")
+    if splits is not None:
+        wanted = {f"split={split}" for split in splits}
+        files = [f for f in files if any(part in wanted for part in f.split("/"))]
+    return files
 
 
 def open_dataset(urls: str | Sequence[str], what: str = "score table") -> ds.Dataset:

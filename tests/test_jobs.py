@@ -158,6 +158,8 @@ def test_submitted_score_job_writes_every_patch_once(
     )
     assert result.returncode == 0, f"job failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     assert "succeeded" in result.stdout
+    # the driver's progress reaches the job's log, which `ray job submit` follows
+    assert f"scored {len(ids)} / {len(ids)} patches (100.0 %)" in result.stdout
 
     files = storage.list_files(str(out / "scores"), ".parquet")
     scores = pads.dataset(files, format="parquet").to_table()

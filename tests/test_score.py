@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from anogan_ray.analysis import query
 from anogan_ray.analysis.report import report
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
+from anogan_ray.pipelines import progress
 from anogan_ray.pipelines.score import score
 from anogan_ray.tables import TableError, encode_pixels, patch_id
 
@@ -188,8 +191,9 @@ def test_malformed_patches_go_to_rejects_and_the_rest_is_scored(
 
 
 def test_killed_job_resumes_and_scores_every_patch_exactly_once(
-    ray_local, tmp_path, tiny_bundle, synthetic_patches
+    ray_local, tmp_path, tiny_bundle, synthetic_patches, caplog, monkeypatch
 ):
+    """... and the re-run's progress lines count, and time, only the patches it has left."""
     n = 128
     images = synthetic_patches(n, seed=30)
     patches, out = str(tmp_path / "patches"), str(tmp_path / "score")
@@ -222,6 +226,8 @@ def test_killed_job_resumes_and_scores_every_patch_exactly_once(
     assert other["patches_scored"] == n and other["patches_recovered_from_earlier_run"] == 0
     assert all(path.exists() for path in staged)
 
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.5)
+    caplog.set_level(logging.INFO, logger="anogan_ray")
     summary = score(patches, tiny_bundle, out, ScoreConfig(steps=60, z_lr=0.05, batch_size=8))
 
     rows = read_scores(out)
@@ -231,3 +237,11 @@ def test_killed_job_resumes_and_scores_every_patch_exactly_once(
     assert summary["patches_scored"] < n  # the re-run scored only what was left
     assert summary["patches_scored_total"] == n
     assert not list(staging.rglob("*.parquet"))
+    # progress: "scored 40 / 96 patches (41.7 %), 3.1 patches/s, about 18 s left", ..., "done"
+    left = summary["patches_scored"]
+    pattern = re.compile(rf"scored (\d+) / {left} patches \([\d.]+ %\)(.*)")
+    lines = [m for r in caplog.records if (m := pattern.fullmatch(r.getMessage()))]
+    counts = [int(m.group(1)) for m in lines]
+    assert len(lines) >= 3 and counts == sorted(counts) and counts[-1] == left
+    assert lines[-1].group(2).endswith("patches/s, done")
+    assert any(re.fullmatch(r", [\d.,]+ patches/s, about .+ left", m.group(2)) for m in lines)

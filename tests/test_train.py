@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import re
 import signal
 import threading
 import time
@@ -10,6 +13,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+import ray
 import torch
 
 from anogan_ray import storage
@@ -129,8 +133,25 @@ def _train_killing_workers(patch_table: str, out: str, cfg, runs: list[str]) -> 
     return result["summary"]
 
 
+def _epoch_lines(run: str, since_ns: int) -> list[dict]:
+    """The epoch lines of ``run`` in Ray Train's worker logs since ``since_ns``: what the driver
+    prints (the tests' Ray does not forward worker output), as JSON records with the rank."""
+    # Ray Train's JSON log of each worker's application logs, in the session's log folder (Ray
+    # has no public accessor for that folder)
+    logs = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "train")
+    records = []
+    for path in glob.glob(os.path.join(logs, "ray-train-app-worker-*.log")):
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.startswith("{")]
+    lines = [r for r in records if r["message"].startswith(f"{run} epoch ")]
+    return sorted(
+        (r for r in lines if r["timestamp_ns"] >= since_ns), key=lambda r: r["timestamp_ns"]
+    )
+
+
 def test_ddp_replicas_stay_identical_survive_a_killed_worker_and_resume(patch_table, bucket):
     """One 2-worker run on S3 storage: DDP, a real worker failure, a re-run, the export."""
+    started_ns = time.time_ns()
     out = f"{bucket}/model"
     cfg = _config(
         "train.num_workers=2",
@@ -159,6 +180,14 @@ def test_ddp_replicas_stay_identical_survive_a_killed_worker_and_resume(patch_ta
     assert summary["samples"][-1] == f"{out}/samples/epoch_004.png"
     assert storage.read_bytes(summary["samples"][0])[:8] == b"\x89PNG\r\n\x1a\n"
     assert storage.list_files(f"{out}/_runs/anogan", suffix="state.pt")  # checkpoints on s3
+    # rank 0 logged a line per epoch (again for the epochs redone after the restart), the last:
+    # "anogan epoch 4/4, step 16/16: d_loss 1.38, ...; sliced W1 0.2, ...; 2.1 s, done"
+    lines = _epoch_lines("anogan", started_ns)
+    epochs = {int(re.match(r"anogan epoch (\d)/4, ", r["message"]).group(1)) for r in lines}
+    assert epochs == {1, 2, 3, 4} and {r["world_rank"] for r in lines} == {0}
+    assert all("d_loss" in r["message"] and "sliced W1" in r["message"] for r in lines)
+    assert re.match(r"anogan epoch 4/4, step 16/16: .*; [\d.]+ s, done$", lines[-1]["message"])
+    assert len(_epoch_lines("anogan-encoder", started_ns)) >= 4
 
     bundle = load_bundle(out)
     assert bundle.model_id == summary["model_id"]

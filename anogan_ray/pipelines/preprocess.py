@@ -64,6 +64,7 @@ from anogan_ray.config import PreprocessConfig
 from anogan_ray.data.retina import STEPS, VolumePatches, preprocess_volume
 from anogan_ray.data.volumes import SPLITS, VolumeError, read_manifest
 from anogan_ray.pipelines import ensure_ray
+from anogan_ray.pipelines.progress import logged_progress
 from anogan_ray.tables import PATCH_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,10 @@ def _volume_record(
 
 
 def _patches_of_volumes(
-    batch: dict[str, np.ndarray], cfg: PreprocessConfig, staging: str
+    batch: dict[str, np.ndarray],
+    cfg: PreprocessConfig,
+    staging: str,
+    progress: ray.actor.ActorHandle,
 ) -> dict:
     """Ray Data UDF: a batch of manifest rows -> their patch rows.
 
@@ -165,6 +169,7 @@ def _patches_of_volumes(
             _volume_file(storage.join(staging, "_volumes"), volume_id, ".json"),
             _volume_record(record, result, reason),
         )
+        progress.add.remote(1)
         if result is not None and result.num_patches:
             parts.append(result.columns)
     if not parts:
@@ -246,19 +251,20 @@ def preprocess(manifest: str, out: str, cfg: PreprocessConfig) -> dict[str, Any]
     ]
     arrow_fs, arrow_path = storage.arrow_filesystem(storage.join(staging, "patches"))
     volumes = ray.data.from_items(records, override_num_blocks=max(1, len(records)))
-    patches = volumes.map_batches(
-        _patches_of_volumes,
-        batch_size=1,  # one volume per task: the unit of work and of failure
-        batch_format="numpy",
-        fn_kwargs={"cfg": cfg, "staging": staging},
-    )
-    patches.write_parquet(
-        arrow_path,
-        filesystem=arrow_fs,
-        partition_cols=["split"],
-        min_rows_per_file=cfg.rows_per_file,
-        max_rows_per_file=cfg.rows_per_file,
-    )
+    with logged_progress(len(records), log, verb="preprocessed", unit="volumes") as progress:
+        patches = volumes.map_batches(
+            _patches_of_volumes,
+            batch_size=1,  # one volume per task: the unit of work and of failure
+            batch_format="numpy",
+            fn_kwargs={"cfg": cfg, "staging": staging, "progress": progress},
+        )
+        patches.write_parquet(
+            arrow_path,
+            filesystem=arrow_fs,
+            partition_cols=["split"],
+            min_rows_per_file=cfg.rows_per_file,
+            max_rows_per_file=cfg.rows_per_file,
+        )
 
     record_root = f"{root}/_volumes"  # the per-volume outcomes the tasks wrote
     record_files = sorted(fs.find(record_root)) if fs.exists(record_root) else []

@@ -20,6 +20,9 @@ exactly the patches that are still missing. Jobs of different scoring keys may w
 ``out`` folder at the same time (each commits and clears only its own key's staging); one job at a
 time per scoring key.
 
+While it runs, the driver logs every 15 s how many patches are done, the rate and the time left
+(the scoring actors count them in a :class:`~anogan_ray.pipelines.progress.ProgressCounter`).
+
 Malformed patches (pixels of the wrong size, NaN or infinite, outside 0..255) are not scored; they
 go to the rejects table with the reason. A float ``pixels`` column is read on the same 0..255 scale
 as the contract's uint8 and rounded.
@@ -39,6 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -49,11 +53,13 @@ from anogan_ray.core import metrics
 from anogan_ray.core.invert import SCORE_COLUMNS, check_fast_math, score_patches
 from anogan_ray.core.model import ENCODER_FILE, load_bundle
 from anogan_ray.pipelines import ensure_ray
+from anogan_ray.pipelines.progress import logged_progress
 from anogan_ray.tables import (
     KEY_COLUMNS,
     PATCH_COLUMNS,
     PATCH_SIZE,
     ScoringKey,
+    count_patches,
     decode_pixels,
     read_committed,
     read_patch_table,
@@ -121,14 +127,26 @@ def prepare_batch(batch: dict[str, np.ndarray], splits: list[str]) -> dict[str, 
 
 
 class PatchScorer:
-    """Callable scoring class for ``map_batches``: loads the bundle once, scores batches."""
+    """Callable scoring class for ``map_batches``: loads the bundle once, scores batches.
 
-    def __init__(self, model: str, cfg: ScoreConfig, device: str, num_threads: int):
+    ``progress``, a :class:`~anogan_ray.pipelines.progress.ProgressCounter`, is told of every
+    batch done (scored and rejected patches).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        cfg: ScoreConfig,
+        device: str,
+        num_threads: int,
+        progress: ray.actor.ActorHandle | None = None,
+    ):
         if device == "cpu":
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
         self.bundle = load_bundle(model, device=self.device)
         self.cfg = cfg
+        self.progress = progress
         self.fast_math = cfg.fast_math and self.device.type == "cuda"
         self.scored = 0
         self.started = time.perf_counter()
@@ -176,6 +194,8 @@ class PatchScorer:
         self.scored += len(ids)
         rate = self.scored / (time.perf_counter() - self.started)
         log.info("actor %d: %d patches scored (%.1f patches/s)", os.getpid(), self.scored, rate)
+        if self.progress is not None:
+            self.progress.add.remote(n)
         return out
 
 
@@ -197,6 +217,16 @@ def _done_ids(out: str, key: ScoringKey) -> pa.Array:
     ]
     chunks = [c.cast(pa.string()) for column in ids for c in column.chunks]
     return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+def _to_score(patches: str, out: str, key: ScoringKey, splits: list[str]) -> int:
+    """How many patches of ``splits`` this run scores: the table's minus those already done."""
+    where = key.expression() & pads.field("split").isin(splits)
+    done = sum(
+        read_committed(storage.join(out, table), ["patch_id"], where).num_rows
+        for table in ("scores", "rejects")
+    )
+    return max(0, count_patches(patches, splits) - done)
 
 
 def _write_atomic(table: pa.Table, url: str, staging_dir: str) -> None:
@@ -428,8 +458,9 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     # A marker object: when nothing is left to score, Ray deletes the empty output folder, which
     # on S3 exists only while it holds an object.
     storage.write_bytes(storage.join(staging, "_started"), b"")
+    to_score = _to_score(patches, out, key, cfg.splits)
     log.info(
-        "scoring with %d %s actor(s)%s, batch size %d", actors, device,
+        "scoring %d patches with %d %s actor(s)%s, batch size %d", to_score, actors, device,
         f" (up to {pool.max_size} as GPU nodes come)" if pool.max_size > actors else "",
         cfg.batch_size,
     )  # fmt: skip
@@ -440,26 +471,28 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     context.target_max_block_size = 2 * cfg.batch_size * (PATCH_SIZE * PATCH_SIZE + 256)
     scoring_started = time.perf_counter()
     try:
-        scored = (
-            read_patch_table(patches, cfg.splits)
-            .map_batches(prepare, batch_format="pyarrow")
-            .map_batches(
-                PatchScorer,
-                fn_constructor_args=(model, cfg, device, THREADS_PER_CPU_ACTOR),
-                batch_size=cfg.batch_size,
-                batch_format="numpy",
-                compute=pool,
-                **resources,
+        with logged_progress(to_score, log, verb="scored", unit="patches") as progress:
+            scored = (
+                read_patch_table(patches, cfg.splits)
+                .map_batches(prepare, batch_format="pyarrow")
+                .map_batches(
+                    PatchScorer,
+                    fn_constructor_args=(model, cfg, device, THREADS_PER_CPU_ACTOR, progress),
+                    batch_size=cfg.batch_size,
+                    batch_format="numpy",
+                    compute=pool,
+                    **resources,
+                )
             )
-        )
-        # Writing a staged file is short I/O: a quarter of a CPU lets it run beside busy actors,
-        # so files land as batches finish (not all at the end) when every CPU slot is taken.
-        scored.write_parquet(
-            staging_path,
-            filesystem=out_fs,
-            min_rows_per_file=cfg.rows_per_file,
-            ray_remote_args={"num_cpus": 0.25},
-        )
+            # Writing a staged file is short I/O: a quarter of a CPU lets it run beside busy
+            # actors, so files land as batches finish (not all at the end) when every CPU slot
+            # is taken.
+            scored.write_parquet(
+                staging_path,
+                filesystem=out_fs,
+                min_rows_per_file=cfg.rows_per_file,
+                ray_remote_args={"num_cpus": 0.25},
+            )
     finally:
         context.target_max_block_size = saved_block_size
     scoring_seconds = time.perf_counter() - scoring_started

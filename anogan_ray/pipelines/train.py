@@ -16,6 +16,10 @@ exports the model bundle. Layout of the stage folder ``out``:
 
 Re-running with the same ``train.run_name`` resumes from the last checkpoint; a worker that
 dies is restarted from it (``train.max_failures``).
+
+After every epoch rank 0 logs one line (:func:`anogan_ray.pipelines.progress.epoch_line`): the
+epoch and step, the recipe's step metrics averaged over the epoch, the generative quality, the
+epoch's seconds and the time left; Ray forwards it to the driver's output.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -59,6 +64,7 @@ from anogan_ray.core.recipes import (
     unwrap,
 )
 from anogan_ray.pipelines import ensure_ray
+from anogan_ray.pipelines.progress import epoch_line
 from anogan_ray.tables import decode_pixels, read_patch_table
 
 log = logging.getLogger(__name__)
@@ -415,20 +421,28 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     ).to(device)
 
     num_metrics = len(recipe.metric_names)
-    sums = torch.zeros(num_metrics, device=device)  # the step metrics since the last report
-    sums_steps = 0
+    # the step metrics and the number of steps (last column), summed since the last report
+    # (row 0) and since the epoch began (row 1)
+    sums = torch.zeros(2, num_metrics + 1, device=device)
     shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
-    train_started = time.monotonic()
+    train_started = epoch_started = time.monotonic()
+    epochs = math.ceil(total_steps / steps_per_epoch)
 
-    def report(epoch_done: float, with_checkpoint: bool, final: bool, evaluate: bool) -> None:
-        nonlocal sums, sums_steps
-        totals = torch.cat([sums, torch.tensor([float(sums_steps)], device=device)])
+    def report(
+        epoch_done: float,
+        with_checkpoint: bool,
+        final: bool,
+        evaluate: bool,
+        quality: float | None = None,
+    ) -> None:
+        totals = sums.clone()
         if world_size > 1:
             torch.distributed.all_reduce(totals)
-        means = (totals[:num_metrics] / totals[num_metrics].clamp(min=1)).tolist()
+        since_report, this_epoch = totals.tolist()
+        means = [value / max(since_report[-1], 1) for value in since_report[:-1]]
         metrics: dict[str, Any] = {"step": step, "epoch": epoch_done, "start_step": start_step}
         metrics.update(zip(recipe.metric_names, means))
-        sums, sums_steps = torch.zeros_like(sums), 0
+        sums[0] = 0
         if evaluate and epoch_end is not None and rank == 0:
             metrics.update(epoch_end({**_cpu_states(modules, trained), "epoch": epoch_done}))
         if final:
@@ -439,29 +453,48 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             digests = _replica_digests([modules[name] for name in trained], world_size)
             metrics["replica_digests"] = digests
             metrics["replicas_identical"] = len(set(digests)) == 1
-        if not (with_checkpoint and rank == 0):
+        if with_checkpoint and rank == 0:
+            with tempfile.TemporaryDirectory() as checkpoint_dir:
+                _write_checkpoint(
+                    checkpoint_dir,
+                    recipe,
+                    {name: modules[name] for name in trained},
+                    optimizers,
+                    step,
+                    cfg,
+                    config["fingerprint"],
+                )
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                    checkpoint_dir_name=checkpoint_name(step),
+                )
+        else:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as checkpoint_dir:
-            _write_checkpoint(
-                checkpoint_dir,
-                recipe,
-                {name: modules[name] for name in trained},
-                optimizers,
-                step,
-                cfg,
-                config["fingerprint"],
-            )
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                checkpoint_dir_name=checkpoint_name(step),
-            )
+        if evaluate and this_epoch[-1] > 0:  # the epoch's line, once its checkpoint is taken
+            sums[1] = 0
+            if rank == 0:
+                now = time.monotonic()
+                seconds_per_step = (now - train_started) / max(step - start_step, 1)
+                epoch_means = [value / this_epoch[-1] for value in this_epoch[:-1]]
+                line = epoch_line(
+                    run_name(cfg, recipe),
+                    math.ceil(epoch_done),
+                    epochs,
+                    step,
+                    total_steps,
+                    dict(zip(recipe.metric_names, epoch_means)),
+                    epoch_seconds=now - epoch_started,
+                    seconds_left=seconds_per_step * (total_steps - step),
+                    quality=quality,
+                )
+                log.info(line)
 
     first_epoch = step // steps_per_epoch
     for epoch in range(first_epoch, train_cfg.epochs):
         if step >= total_steps:
             break
+        epoch_started = time.monotonic()
         skip = step - epoch * steps_per_epoch  # batches this epoch already trained on (resume)
         batches = shard.iter_batches(
             batch_size=train_cfg.batch_size,
@@ -478,15 +511,16 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             real = torch.from_numpy(decode_pixels(batch["pixels"])).unsqueeze(1).to(device)
             # real: (B, 1, 64, 64) in [-1, 1]
-            sums += recipe.step(modules, optimizers, real, model_cfg, train_cfg)
-            sums_steps += 1
+            step_metrics = recipe.step(modules, optimizers, real, model_cfg, train_cfg)
+            sums += torch.cat([step_metrics, step_metrics.new_ones(1)])  # to both rows
             step += 1
             end_of_epoch = batch_index + 1 == steps_per_epoch
             final = step >= total_steps
+            quality = None
             if end_of_epoch and rank == 0 and recipe.samples is not None:
                 generator = unwrap(modules[recipe.samples])
                 _write_sample_grid(out, epoch + 1, generator, preview_z[: SAMPLE_GRID**2])
-                _record_generative_quality(
+                quality = _record_generative_quality(
                     out, epoch + 1, step, generator, preview_z, config["reference_pixels"]
                 )
             if end_of_epoch or final or step % train_cfg.checkpoint_every == 0:
@@ -495,6 +529,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                     with_checkpoint=True,
                     final=final,
                     evaluate=end_of_epoch or final,
+                    quality=quality,
                 )
     if start_step >= total_steps:  # nothing left to train: the run had already finished
         report(step / steps_per_epoch, with_checkpoint=False, final=True, evaluate=True)
@@ -566,8 +601,9 @@ def _read_state(checkpoint_dir: str) -> dict[str, Any]:
 @torch.no_grad()
 def _record_generative_quality(
     out: str, epoch: int, step: int, generator: nn.Module, z: torch.Tensor, reference: np.ndarray
-) -> None:
-    """Append this epoch's sliced Wasserstein distance (G's samples vs real patches) to the file.
+) -> float:
+    """Append this epoch's sliced Wasserstein distance (G's samples vs real patches) to the file
+    and return it.
 
     G runs on a copy in train mode (batch statistics, as the previews), on a fixed z; the real
     patches are a fixed sample of the training table; the features are fixed (4 x 4 pools), so
@@ -583,11 +619,10 @@ def _record_generative_quality(
     if "real_vs_real" not in record:
         record["real_vs_real"] = sliced_wasserstein(features_real, patch_features(real[half:]))
     record["metric"] = "sliced Wasserstein-1, 256 projections of 4x4-pooled patches"
-    record["epochs"][str(epoch)] = {
-        "step": step,
-        "sliced_wasserstein": sliced_wasserstein(features_real, patch_features(samples)),
-    }
+    distance = sliced_wasserstein(features_real, patch_features(samples))
+    record["epochs"][str(epoch)] = {"step": step, "sliced_wasserstein": distance}
     storage.write_json(url, record)
+    return distance
 
 
 def read_generative_quality(out: str) -> dict[str, Any] | None:
