@@ -143,7 +143,9 @@ class ScoreConfig:
     device: str = _choices("auto", "cpu", "cuda", default="auto")  # where inversion runs; auto:
     # GPUs whenever the cluster has or its autoscaler can add them, else CPU
     gpu_wait_s: float = _positive(600.0)  # how long a GPU job waits for the autoscaler's first GPU
-    fast_math: bool = False  # on GPU: TF32 matmuls (checked against fp32 scores)
+    precision: str = _choices("fp32", "tf32", "bf16", default="fp32")  # arithmetic of the Γ
+    # mapping steps: true fp32, TF32 (CUDA) or bfloat16 autocast; scores at z_Γ always in fp32;
+    # a fast one is checked against fp32 on the first batch and switched off beyond tolerance
     rows_per_file: int = _at_least(1, 10_000)  # score-table rows per file; also what a kill loses
 
 

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from anogan_ray.core.invert import (
+    PRECISION_RTOL,
     SCORE_COLUMNS,
+    check_precision,
     discrimination_loss,
     initial_latent,
     invert_batch,
@@ -128,3 +130,26 @@ def test_anomalous_patches_score_higher(bundle, synthetic_patches):
     scores = score_patches(bundle, pixels, ids, lambda_=0.1, steps=40, z_lr=0.1)
     auc = roc_auc_score(labels, scores["anomaly_score"])
     assert auc >= AUC_FLOOR, f"AUC of A(x) {auc:.3f} below the floor {AUC_FLOOR}"
+
+
+def test_bf16_mapping_agrees_with_fp32_and_fp32_stays_exact(bundle, batch):
+    """The bf16 fast path (autocast around G and D, the optimizer in fp32) ranks and scores the
+    patches as fp32 does, within the tolerance its check enforces; asking for fp32 explicitly
+    changes nothing."""
+    pixels, ids = batch
+    common = dict(steps=20, z_lr=0.05)
+    exact = invert_batch(bundle, pixels, ids, **common).anomaly_score
+    assert np.array_equal(
+        exact, invert_batch(bundle, pixels, ids, precision="fp32", **common).anomaly_score
+    )
+    fast = invert_batch(bundle, pixels, ids, precision="bf16", **common).anomaly_score
+    relative = np.abs(fast - exact) / np.abs(exact)
+    assert relative.max() < PRECISION_RTOL["bf16"]
+    labels = np.r_[np.zeros(16), np.ones(16)]
+    assert abs(roc_auc_score(labels, fast) - roc_auc_score(labels, exact)) < 0.02
+    ok, worst = check_precision(
+        bundle, pixels[:8], ids[:8], precision="bf16", lambda_=0.1, **common
+    )
+    assert ok and worst < PRECISION_RTOL["bf16"]
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        invert_batch(bundle, pixels, ids, precision="fp16", **common)

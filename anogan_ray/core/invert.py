@@ -57,7 +57,10 @@ Mapping = Literal["iterative", "encoder", "encoder+iterative"]
 MAPPINGS = ("iterative", "encoder", "encoder+iterative")
 
 # Relative difference allowed between fast-math (TF32 / bf16) scores and fp32 scores.
-FAST_MATH_RTOL = 1e-2
+PRECISIONS = ("fp32", "tf32", "bf16")
+# Largest relative difference of A(x) to fp32 a fast precision may show on the check's sample
+# before the scorer switches it off (see check_precision).
+PRECISION_RTOL = {"tf32": 1e-2, "bf16": 5e-2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,18 +150,32 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def fast_math_context(device: torch.device, enabled: bool) -> Iterator[None]:
-    """TF32 matmuls and convolutions on CUDA while inside; a no-op on CPU or when disabled."""
-    if not enabled or device.type != "cuda":
-        yield
-        return
+def precision_context(device: torch.device, precision: str) -> Iterator[None]:
+    """The matmul / convolution arithmetic on CUDA while inside (a no-op on CPU).
+
+    ``fp32`` and ``bf16`` get true fp32: TF32 off for matmuls *and* cuDNN convolutions (PyTorch
+    allows TF32 in cuDNN convolutions by default); ``tf32`` switches both on. bf16 itself is
+    :func:`autocast` around the forward passes only.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
+            precision == "tf32"
+        )
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for ``bf16`` (G and D forward passes; never the optimizer: Adam's
+    moments in bf16 make the mapping diverge), else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def invert_batch(
@@ -173,7 +190,7 @@ def invert_batch(
     latent_prior: str | None = None,
     return_residual_map: bool = False,
     return_z: bool = False,
-    fast_math: bool = False,
+    precision: str = "fp32",
     initial_z: torch.Tensor | None = None,
 ) -> InversionResult:
     """Map a batch of patches to the latent space and score them.
@@ -189,7 +206,8 @@ def invert_batch(
         latent_prior: ``"normal"`` or ``"uniform"``; by default the bundle's.
         return_residual_map: also return |x − G(z_Γ)|, (B, 64, 64).
         return_z: also return z_Γ, (B, nz).
-        fast_math: on CUDA, TF32 matmuls/convolutions (see :func:`check_fast_math`).
+        precision: arithmetic of the Γ mapping steps (:func:`precision_context`); the scores at
+            z_Γ are always computed in fp32 (see :func:`check_precision`).
         initial_z: z_1 (B, nz), e.g. E(x) of a trained encoder; by default drawn from the prior
             with a seed derived from each patch id.
 
@@ -219,8 +237,7 @@ def invert_batch(
         z0 = initial_z.detach().to(device=device, dtype=torch.float32)  # (B, nz)
     rows = mapping_rows(device)
     parts = []
-    with fast_math_context(device, fast_math):
-        for start in range(0, len(patch_ids), rows):
+    for start in range(0, len(patch_ids), rows):
             count = min(rows, len(patch_ids) - start)
             part = _invert_rows(
                 generator,
@@ -231,6 +248,7 @@ def invert_batch(
                 steps=steps,
                 z_lr=z_lr,
                 mode=mode,
+                precision=precision,
             )
             parts.append({name: value[:count] for name, value in part.items()})
     if parts:
@@ -267,29 +285,35 @@ def _invert_rows(
     steps: int,
     z_lr: float,
     mode: Mode,
+    precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
-    """The mapping of one fixed-shape batch: x (R, 1, H, W), z_1 (R, nz) -> per-row tensors."""
+    """The mapping of one fixed-shape batch: x (R, 1, H, W), z_1 (R, nz) -> per-row tensors.
+
+    The Γ steps run in ``precision``; the scores at z_Γ in true fp32."""
 
     def discrimination(x_hat: torch.Tensor, features_x: torch.Tensor | None) -> torch.Tensor:
         if mode == "feature":
             return discrimination_loss(features_x, discriminator.features(x_hat))
         return reference_discrimination_loss(discriminator(x_hat))
 
-    with torch.no_grad():
+    device = x.device
+    with torch.no_grad(), precision_context(device, "fp32"):
         features_x = discriminator.features(x) if mode == "feature" else None  # (R, 8c, 4, 4)
 
     z = z0.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=z_lr)
-    with torch.enable_grad():
+    with torch.enable_grad(), precision_context(device, precision):
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            x_hat = generator(z)
-            loss = mapping_loss(residual_loss(x, x_hat), discrimination(x_hat, features_x), lambda_)
-            loss.sum().backward()  # sum of per-patch losses: independent gradients per row
+            with autocast(device, precision):
+                x_hat = generator(z)
+                residual = residual_loss(x, x_hat)
+                loss = mapping_loss(residual, discrimination(x_hat, features_x), lambda_)
+            loss.float().sum().backward()  # sum of per-patch losses: independent row gradients
             optimizer.step()
 
-    # R(x), D(x), A(x) at the final z_Γ (after the last update)
-    with torch.no_grad():
+    # R(x), D(x), A(x) at the final z_Γ (after the last update), in fp32 whatever the steps used
+    with torch.no_grad(), precision_context(device, "fp32"):
         x_hat = generator(z)
         residual = residual_loss(x, x_hat)
         disc = discrimination(x_hat, features_x)
@@ -379,7 +403,7 @@ def score_patches(
     z_lr: float = 0.01,
     reference_score: bool = False,
     return_z: bool = False,
-    fast_math: bool = False,
+    precision: str = "fp32",
     mapping: Mapping = "iterative",
 ) -> dict[str, np.ndarray]:
     """All score-table columns for a batch: A, R, D, p_d, GAN_R (NaN unless requested), residual
@@ -398,7 +422,7 @@ def score_patches(
     if mapping != "iterative":
         initial_z = encode(model, pixels)
         steps = 0 if mapping == "encoder" else steps
-    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr, fast_math=fast_math, initial_z=initial_z)
+    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr, precision=precision, initial_z=initial_z)
     feature = invert_batch(model, pixels, patch_ids, mode="feature", return_z=return_z, **common)
     columns = {f.name: getattr(feature, f.name) for f in fields(feature)}
     columns.pop("residual_map")
@@ -432,23 +456,24 @@ def score_patches(
     return out
 
 
-def check_fast_math(
+def check_precision(
     model: ModelBundle | tuple[Generator, Discriminator],
     pixels: torch.Tensor,
     patch_ids: Sequence[str],
     *,
+    precision: str,
     lambda_: float,
     steps: int,
     z_lr: float,
-    rtol: float = FAST_MATH_RTOL,
+    initial_z: torch.Tensor | None = None,
 ) -> tuple[bool, float]:
-    """Compare fast-math anomaly scores with fp32 ones on a sample batch.
+    """Compare A(x) mapped in ``precision`` with true fp32 on a sample batch.
 
     Returns:
-        (within tolerance, the largest relative difference).
+        (within :data:`PRECISION_RTOL`, the largest relative difference).
     """
-    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr)
+    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr, initial_z=initial_z)
     exact = invert_batch(model, pixels, patch_ids, **common).anomaly_score
-    fast = invert_batch(model, pixels, patch_ids, fast_math=True, **common).anomaly_score
+    fast = invert_batch(model, pixels, patch_ids, precision=precision, **common).anomaly_score
     worst = float(np.max(np.abs(fast - exact) / np.maximum(np.abs(exact), 1e-12)))
-    return worst <= rtol, worst
+    return worst <= PRECISION_RTOL.get(precision, 0.0), worst

@@ -50,7 +50,7 @@ import torch
 from anogan_ray import storage
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
-from anogan_ray.core.invert import SCORE_COLUMNS, check_fast_math, score_patches
+from anogan_ray.core.invert import SCORE_COLUMNS, check_precision, encode, score_patches
 from anogan_ray.core.model import ENCODER_FILE, load_bundle
 from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.progress import logged_progress
@@ -143,23 +143,27 @@ class PatchScorer:
     ):
         if device == "cpu":
             torch.set_num_threads(num_threads)
+        else:  # true fp32 outside the mapping steps too (PyTorch allows TF32 in cuDNN by default)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.device = torch.device(device)
         self.bundle = load_bundle(model, device=self.device)
         self.cfg = cfg
         self.progress = progress
-        self.fast_math = cfg.fast_math and self.device.type == "cuda"
+        self.precision = cfg.precision
         self.scored = 0
         self.started = time.perf_counter()
 
-    def _check_fast_math(self, pixels: torch.Tensor, ids: list[str]) -> None:
-        ok, worst = check_fast_math(
-            self.bundle, pixels, ids, lambda_=self.cfg.lambda_, steps=self.cfg.steps,
-            z_lr=self.cfg.z_lr,
+    def _check_precision(self, pixels: torch.Tensor, ids: list[str]) -> None:
+        """Map a sample in the configured precision and in fp32; above the tolerance, fp32."""
+        initial_z = None if self.cfg.mapping == "iterative" else encode(self.bundle, pixels)
+        ok, worst = check_precision(
+            self.bundle, pixels, ids, precision=self.precision, lambda_=self.cfg.lambda_,
+            steps=self.cfg.steps, z_lr=self.cfg.z_lr, initial_z=initial_z,
         )  # fmt: skip
-        log.info("fast math vs fp32: largest relative score difference %.2e", worst)
+        log.info("%s vs fp32: largest relative difference of A(x) %.2e", self.precision, worst)
         if not ok:
-            log.warning("fast math differs from fp32 by %.2e; switched off", worst)
-            self.fast_math = False
+            log.warning("%s differs from fp32 by %.2e; mapping in fp32", self.precision, worst)
+            self.precision = "fp32"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["patch_id"])
@@ -172,12 +176,12 @@ class PatchScorer:
         z = np.zeros((n, self.bundle.model_config.latent_dim), dtype=np.float32)
         if ids:
             pixels = torch.from_numpy(decode_pixels(batch["pixels"][good]))[:, None]  # (b,1,64,64)
-            if self.fast_math and self.scored == 0:
-                self._check_fast_math(pixels[:8], ids[:8])
+            if self.precision != "fp32" and self.scored == 0:
+                self._check_precision(pixels[:8], ids[:8])
             scores = score_patches(
                 self.bundle, pixels, ids, lambda_=self.cfg.lambda_, steps=self.cfg.steps,
                 z_lr=self.cfg.z_lr, reference_score=self.cfg.reference_score,
-                return_z=self.cfg.save_z, fast_math=self.fast_math, mapping=self.cfg.mapping,
+                return_z=self.cfg.save_z, precision=self.precision, mapping=self.cfg.mapping,
             )  # fmt: skip
             for name in SCORE_COLUMNS:
                 columns[name][good] = scores[name]
@@ -516,6 +520,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "actors": actors,
         "max_actors": pool.max_size,
         "batch_size": cfg.batch_size,
+        "precision": cfg.precision,
         "patches_scored": committed["scored"],
         "patches_rejected": committed["rejected"],
         "patches_recovered_from_earlier_run": recovered["scored"] + recovered["rejected"],
