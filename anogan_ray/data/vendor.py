@@ -126,14 +126,13 @@ def _local(url: str, whole_folder: bool) -> Iterator[str]:
         yield url
         return
     with tempfile.TemporaryDirectory(prefix="anogan-scan-") as tmp:
-        folder = url.rstrip("/") if whole_folder else None
-        if whole_folder and posixpath.splitext(url)[1]:  # a file whose siblings it needs
-            folder = posixpath.dirname(url)
-        if folder is None:
+        if not whole_folder:
             local = os.path.join(tmp, posixpath.basename(url))
             storage.write_bytes(local, storage.read_bytes(url))
             yield local
             return
+        # the folder itself, or the folder of a file whose siblings it needs (.xml, oct.mhd)
+        folder = posixpath.dirname(url) if posixpath.splitext(url)[1] else url.rstrip("/")
         for remote in storage.list_files(folder):
             local = os.path.join(tmp, posixpath.relpath(remote, folder))
             os.makedirs(os.path.dirname(local), exist_ok=True)

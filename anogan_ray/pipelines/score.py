@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -151,7 +150,6 @@ class PatchScorer:
         self.progress = progress
         self.precision = cfg.precision
         self.scored = 0
-        self.started = time.perf_counter()
 
     def _check_precision(self, pixels: torch.Tensor, ids: list[str]) -> None:
         """Map a sample in the configured precision and in fp32; above the tolerance, fp32."""
@@ -196,8 +194,6 @@ class PatchScorer:
         out["z_lr"] = np.full(n, self.cfg.z_lr, dtype=np.float64)
         out["mapping"] = np.full(n, self.cfg.mapping)
         self.scored += len(ids)
-        rate = self.scored / (time.perf_counter() - self.started)
-        log.info("actor %d: %d patches scored (%.1f patches/s)", os.getpid(), self.scored, rate)
         if self.progress is not None:
             self.progress.add.remote(n)
         return out
@@ -213,24 +209,20 @@ def scoring_key(model_id: str, cfg: ScoreConfig) -> ScoringKey:
     return ScoringKey(model_id, cfg.lambda_, cfg.steps, cfg.z_lr, cfg.mapping)
 
 
-def _done_ids(out: str, key: ScoringKey) -> pa.Array:
-    """patch_ids already in the score or rejects table under this scoring key."""
-    ids = [
-        read_committed(storage.join(out, table), ["patch_id"], key.expression())["patch_id"]
+def _done(out: str, key: ScoringKey) -> pa.Table:
+    """``patch_id`` and ``split`` of the rows already in the score or rejects table under this
+    scoring key."""
+    tables = [
+        read_committed(storage.join(out, table), ["patch_id", "split"], key.expression())
         for table in ("scores", "rejects")
     ]
-    chunks = [c.cast(pa.string()) for column in ids for c in column.chunks]
-    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
-
-
-def _to_score(patches: str, out: str, key: ScoringKey, splits: list[str]) -> int:
-    """How many patches of ``splits`` this run scores: the table's minus those already done."""
-    where = key.expression() & pads.field("split").isin(splits)
-    done = sum(
-        read_committed(storage.join(out, table), ["patch_id"], where).num_rows
-        for table in ("scores", "rejects")
-    )
-    return max(0, count_patches(patches, splits) - done)
+    columns = {
+        name: pa.chunked_array(
+            [c.cast(pa.string()) for t in tables for c in t[name].chunks], pa.string()
+        )
+        for name in ("patch_id", "split")
+    }
+    return pa.table(columns)
 
 
 def _write_atomic(table: pa.Table, url: str, staging_dir: str) -> None:
@@ -442,8 +434,11 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     recovered = commit_staged(out, key)  # a killed run's finished files; half-written ones dropped
     if recovered["scored"] or recovered["rejected"] or recovered["partial_files"]:
         log.info("recovered from an earlier run: %s", recovered)
-    done = _done_ids(out, key)
+    done_rows = _done(out, key)
+    done = done_rows["patch_id"].combine_chunks()
     log.info("%d patches already scored or rejected under model %s", len(done), model_id)
+    done_in_splits = int(pc.sum(pc.is_in(done_rows["split"], pa.array(cfg.splits))).as_py() or 0)
+    to_score = max(0, count_patches(patches, cfg.splits) - done_in_splits)
 
     done_ref = ray.put(done) if len(done) else None
 
@@ -462,7 +457,6 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     # A marker object: when nothing is left to score, Ray deletes the empty output folder, which
     # on S3 exists only while it holds an object.
     storage.write_bytes(storage.join(staging, "_started"), b"")
-    to_score = _to_score(patches, out, key, cfg.splits)
     log.info(
         "scoring %d patches with %d %s actor(s)%s, batch size %d", to_score, actors, device,
         f" (up to {pool.max_size} as GPU nodes come)" if pool.max_size > actors else "",
@@ -502,7 +496,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     scoring_seconds = time.perf_counter() - scoring_started
     committed = commit_staged(out, key)
 
-    total = _done_ids(out, key)
+    total = _done(out, key)
     rejected_total = read_committed(
         storage.join(out, "rejects"), ["patch_id"], key.expression()
     ).num_rows
@@ -526,7 +520,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "patches_recovered_from_earlier_run": recovered["scored"] + recovered["rejected"],
         "partial_files_discarded": recovered["partial_files"] + committed["partial_files"],
         "patches_skipped_already_done": len(done),
-        "patches_scored_total": len(total) - rejected_total,
+        "patches_scored_total": total.num_rows - rejected_total,
         "patches_rejected_total": rejected_total,
         "seconds": round(time.perf_counter() - started, 3),
         "patches_per_s": round(committed["scored"] / scoring_seconds, 3),
