@@ -23,8 +23,14 @@ from anogan_ray.analysis.report import report
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
 from anogan_ray.pipelines import progress
-from anogan_ray.pipelines.score import score
-from anogan_ray.tables import TableError, encode_pixels, patch_id
+from anogan_ray.pipelines.score import (
+    REJECT_REASON,
+    _staging,
+    commit_staged,
+    prepare_batch,
+    score,
+)
+from anogan_ray.tables import ScoringKey, TableError, encode_pixels, patch_id
 
 
 def _patch_rows(images: np.ndarray, labels: np.ndarray, split: str, volume: str) -> dict:
@@ -188,6 +194,63 @@ def test_malformed_patches_go_to_rejects_and_the_rest_is_scored(
         == 0
     )
     assert read_scores(out, "rejects").num_rows == 3
+
+
+def test_tensor_pixels_are_validated_as_a_whole_like_row_by_row():
+    """The whole-array check of a tensor `pixels` column keeps and rejects what the row-by-row
+    check does, with the same reasons."""
+    rng = np.random.default_rng(3)
+    pixels = rng.uniform(0, 255, size=(6, 64, 64))
+    pixels[1, 5, 5] = np.nan
+    pixels[3, 0, 0] = 256.0
+    pixels[4, 9, 9] = -0.5
+    batch = {"patch_id": np.array([f"p{i}" for i in range(6)]), "split": np.array(["test"] * 6)}
+    as_array = prepare_batch({**batch, "pixels": pixels}, ["test"])
+    rows = np.empty(6, dtype=object)
+    rows[:] = list(pixels.reshape(6, -1))
+    by_row = prepare_batch({**batch, "pixels": rows}, ["test"])
+    assert as_array[REJECT_REASON].tolist() == by_row[REJECT_REASON].tolist()
+    assert [bool(r) for r in as_array[REJECT_REASON]] == [False, True, False, True, True, False]
+    np.testing.assert_array_equal(as_array["pixels"], by_row["pixels"])
+    assert as_array["pixels"].dtype == np.uint8
+
+
+def test_commit_keeps_each_patch_once_and_drops_partial_files(tmp_path):
+    """Staged files that repeat committed rows, repeat rows among themselves (a retried task) or
+    lack their footer (a killed writer) commit every patch exactly once."""
+    key = ScoringKey("m1", 0.1, 5, 0.01, "iterative")
+
+    def staged(ids, reasons=None):
+        n = len(ids)
+        return pa.table(
+            {
+                "patch_id": ids,
+                "split": ["test"] * n,
+                "source": ["s"] * n,
+                "anomaly_score": np.arange(n, dtype=np.float32),
+                REJECT_REASON: reasons or [""] * n,
+                **{c: [v] * n for c, v in key.row().items()},
+            }
+        )
+
+    out = str(tmp_path / "score")
+    run = tmp_path / "score" / os.path.relpath(_staging(out, key), out) / "run1"
+    run.mkdir(parents=True)
+    pq.write_table(staged(["a", "b"]), run / "0.parquet")
+    assert commit_staged(out, key)["scored"] == 2
+    run.mkdir(parents=True)
+    pq.write_table(staged(["b", "c", "d", "c"]), run / "1.parquet")  # b committed, c twice
+    pq.write_table(staged(["d", "e", "x"], ["", "", "bad pixels"]), run / "2.parquet")
+    pq.write_table(staged(["f"]), run / "3.parquet")
+    (run / "3.parquet").write_bytes((run / "3.parquet").read_bytes()[:100])  # no footer
+
+    counts = commit_staged(out, key)
+
+    assert counts == {"scored": 3, "rejected": 1, "duplicates": 3, "partial_files": 1}
+    ids = read_scores(out)["patch_id"].to_pylist()
+    assert sorted(ids) == ["a", "b", "c", "d", "e"]
+    assert read_scores(out, "rejects")["patch_id"].to_pylist() == ["x"]
+    assert not (tmp_path / "score" / "_staging").exists()
 
 
 def test_killed_job_resumes_and_scores_every_patch_exactly_once(

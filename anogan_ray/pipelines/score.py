@@ -20,6 +20,11 @@ exactly the patches that are still missing. Jobs of different scoring keys may w
 ``out`` folder at the same time (each commits and clears only its own key's staging); one job at a
 time per scoring key.
 
+Memory. Sets of done patch ids are held as sorted 128-bit digests (``tables.id_keys``, 16 bytes
+a patch, searched with ``np.searchsorted``): the resume filter ships them once to the object store,
+where the reading tasks share them zero-copy, and the commit checks each staged file against them.
+Both run in Ray tasks beside the driver, which holds counts only.
+
 While it runs, the driver logs every 15 s how many patches are done, the rate and the time left
 (the scoring actors count them in a :class:`~anogan_ray.pipelines.progress.ProgressCounter`).
 
@@ -42,8 +47,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
+import ray.util.scheduling_strategies
 import torch
 
 from anogan_ray import storage
@@ -57,9 +64,14 @@ from anogan_ray.tables import (
     KEY_COLUMNS,
     PATCH_COLUMNS,
     PATCH_SIZE,
+    IdKeySet,
     ScoringKey,
+    committed_id_keys,
+    contains_sorted,
+    count_committed,
     count_patches,
     decode_pixels,
+    id_keys,
     read_committed,
     read_patch_table,
 )
@@ -100,24 +112,53 @@ def _validate(values: Any) -> tuple[np.ndarray | None, str]:
 
 
 def prepare_batch(batch: dict[str, np.ndarray], splits: list[str]) -> dict[str, np.ndarray]:
-    """Keep the requested splits, validate pixels; rejects keep zero pixels and a reason."""
+    """Keep the requested splits, validate pixels; rejects keep zero pixels and a reason.
+
+    A tensor column (the contract's (n, 64, 64) uint8, or a numeric array of that shape) is
+    checked with whole-array operations; only other layouts (lists, binary) go row by row.
+    """
     keep = np.isin(batch["split"].astype(str), splits)
     n = int(keep.sum())
     out = {name: np.asarray(batch[name])[keep] for name in META_COLUMNS if name in batch}
     for name in META_COLUMNS:
         if name not in out:  # an optional column missing from this table
             out[name] = np.full(n, _MISSING.get(name, np.nan))
-    pixels = np.zeros((n, PATCH_SIZE, PATCH_SIZE), dtype=np.uint8)
-    reasons = np.full(n, "", dtype=object)
-    for i, values in enumerate(np.asarray(batch["pixels"], dtype=object)[keep]):
-        good, reason = _validate(values)
-        if good is None:
-            reasons[i] = reason
-        else:
-            pixels[i] = good
+    column = batch["pixels"]
+    if (
+        isinstance(column, np.ndarray)
+        and column.dtype != object
+        and column.shape[1:] == (PATCH_SIZE, PATCH_SIZE)
+    ):
+        pixels, reasons = _validate_array(column[keep])
+    else:
+        pixels = np.zeros((n, PATCH_SIZE, PATCH_SIZE), dtype=np.uint8)
+        reasons = np.full(n, "", dtype=object)
+        for i, values in enumerate(np.asarray(column, dtype=object)[keep]):
+            good, reason = _validate(values)
+            if good is None:
+                reasons[i] = reason
+            else:
+                pixels[i] = good
     out["pixels"] = pixels
     out[REJECT_REASON] = reasons.astype(str)
     return out
+
+
+def _validate_array(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 64, 64) numeric pixels -> (uint8 pixels, reasons); the reasons of
+    :func:`_validate`, computed for the bad rows only."""
+    reasons = np.full(len(array), "", dtype=object)
+    if array.dtype == np.uint8:
+        return array, reasons
+    if not np.issubdtype(array.dtype, np.number):
+        reasons[:] = f"pixels of type {array.dtype} are not numeric"
+        return np.zeros(array.shape, np.uint8), reasons
+    flat = array.reshape(len(array), -1)
+    bad = ~np.isfinite(flat).all(1) | (flat.min(1, initial=0) < 0) | (flat.max(1, initial=0) > 255)
+    for i in np.flatnonzero(bad):
+        reasons[i] = _validate(array[i])[1]
+    pixels = np.rint(np.where(bad[:, None, None], 0, array)).astype(np.uint8)
+    return pixels, reasons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,20 +250,21 @@ def scoring_key(model_id: str, cfg: ScoreConfig) -> ScoringKey:
     return ScoringKey(model_id, cfg.lambda_, cfg.steps, cfg.z_lr, cfg.mapping)
 
 
-def _done(out: str, key: ScoringKey) -> pa.Table:
-    """``patch_id`` and ``split`` of the rows already in the score or rejects table under this
-    scoring key."""
-    tables = [
-        read_committed(storage.join(out, table), ["patch_id", "split"], key.expression())
-        for table in ("scores", "rejects")
+def _done_count(out: str, key: ScoringKey, splits: list[str] | None = None) -> int:
+    """Rows already in the score and rejects tables under this scoring key (of ``splits``)."""
+    where = key.expression()
+    if splits is not None:
+        where = where & pads.field("split").isin(splits)
+    return sum(count_committed(storage.join(out, t), where) for t in ("scores", "rejects"))
+
+
+def done_keys(out: str, key: ScoringKey) -> np.ndarray:
+    """The sorted id keys (:func:`~anogan_ray.tables.id_keys`) of the patches already scored or
+    rejected under this scoring key."""
+    parts = [
+        committed_id_keys(storage.join(out, t), key.expression()) for t in ("scores", "rejects")
     ]
-    columns = {
-        name: pa.chunked_array(
-            [c.cast(pa.string()) for t in tables for c in t[name].chunks], pa.string()
-        )
-        for name in ("patch_id", "split")
-    }
-    return pa.table(columns)
+    return np.sort(np.concatenate(parts))
 
 
 def _write_atomic(table: pa.Table, url: str, staging_dir: str) -> None:
@@ -254,7 +296,7 @@ def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
     staging = _staging(out, key)
     staged = storage.list_files(staging, ".parquet")
     fs, _ = storage.arrow_filesystem(out)
-    done: dict[str, set[str]] = {}
+    done: dict[str, IdKeySet] = {}  # per table: the keys of its rows under this scoring key
     for url in staged:
         path = storage.filesystem(url)[1]
         try:
@@ -273,11 +315,13 @@ def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
                 continue
             if kind not in done:
                 table_url = storage.join(out, "scores" if kind == "scored" else "rejects")
-                existing = read_committed(table_url, ["patch_id"], key.expression())
-                done[kind] = set(existing["patch_id"].to_pylist())
-            fresh = pa.array([i not in done[kind] for i in rows["patch_id"].to_pylist()])
-            counts["duplicates"] += rows.num_rows - int(pc.sum(fresh).as_py() or 0)
-            rows = rows.filter(fresh)
+                done[kind] = IdKeySet(committed_id_keys(table_url, key.expression()))
+            keys = id_keys(rows["patch_id"])
+            first = np.zeros(len(keys), dtype=bool)  # a retried task may stage a row twice
+            first[np.unique(keys, return_index=True)[1]] = True
+            fresh = first & ~done[kind].contains(keys)
+            counts["duplicates"] += rows.num_rows - int(fresh.sum())
+            rows, keys = rows.filter(pa.array(fresh)), keys[fresh]
             if rows.num_rows == 0:
                 continue
             if kind == "scored":
@@ -289,7 +333,7 @@ def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
                 )
             target = storage.join(out, "scores" if kind == "scored" else "rejects", name)
             _write_atomic(rows, target, storage.parent(url))
-            done[kind].update(rows["patch_id"].to_pylist())
+            done[kind].add(keys)
             counts[kind] += rows.num_rows
         storage.remove(url)
     with contextlib.suppress(FileNotFoundError):  # S3 "folders" vanish with their last object
@@ -431,22 +475,30 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     if cfg.mapping == "encoder":  # z = E(x) and no steps: one key whatever score.steps says
         cfg = dataclasses.replace(cfg, steps=0)
     key = scoring_key(model_id, cfg)
-    recovered = commit_staged(out, key)  # a killed run's finished files; half-written ones dropped
+    # The commit and the done ids run in tasks on this node (the out folder may be local): the
+    # driver holds counts and an object reference, nothing that grows with the table.
+    on_this_node = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False
+    )
+    commit = ray.remote(commit_staged).options(num_cpus=0, scheduling_strategy=on_this_node)
+    # a killed run's finished files; half-written ones dropped
+    recovered = ray.get(commit.remote(out, key))
     if recovered["scored"] or recovered["rejected"] or recovered["partial_files"]:
         log.info("recovered from an earlier run: %s", recovered)
-    done_rows = _done(out, key)
-    done = done_rows["patch_id"].combine_chunks()
-    log.info("%d patches already scored or rejected under model %s", len(done), model_id)
-    done_in_splits = int(pc.sum(pc.is_in(done_rows["split"], pa.array(cfg.splits))).as_py() or 0)
-    to_score = max(0, count_patches(patches, cfg.splits) - done_in_splits)
-
-    done_ref = ray.put(done) if len(done) else None
+    done = _done_count(out, key)
+    log.info("%d patches already scored or rejected under model %s", done, model_id)
+    to_score = max(0, count_patches(patches, cfg.splits) - _done_count(out, key, cfg.splits))
+    # the done ids as sorted 16-byte keys in the object store, shared zero-copy by the tasks
+    done_ref = (
+        ray.remote(done_keys).options(num_cpus=0, scheduling_strategy=on_this_node).remote(out, key)
+        if done
+        else None
+    )
 
     def prepare(table: pa.Table) -> dict[str, np.ndarray]:
         if done_ref is not None:  # a resumed run: leave out what is already done
-            done_ids = _done_set(done_ref)
-            ids = table["patch_id"].to_pylist()
-            table = table.filter(pa.array([i not in done_ids for i in ids], pa.bool_()))
+            done_already = contains_sorted(ray.get(done_ref), id_keys(table["patch_id"]))
+            table = table.filter(pa.array(~done_already))
         batch = {name: _column_to_numpy(table[name]) for name in table.column_names}
         return prepare_batch(batch, cfg.splits)
 
@@ -494,12 +546,9 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     finally:
         context.target_max_block_size = saved_block_size
     scoring_seconds = time.perf_counter() - scoring_started
-    committed = commit_staged(out, key)
+    committed = ray.get(commit.remote(out, key))
 
-    total = _done(out, key)
-    rejected_total = read_committed(
-        storage.join(out, "rejects"), ["patch_id"], key.expression()
-    ).num_rows
+    rejected_total = count_committed(storage.join(out, "rejects"), key.expression())
     summary = {
         "key": str(key),
         "model_id": model_id,
@@ -519,8 +568,8 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "patches_rejected": committed["rejected"],
         "patches_recovered_from_earlier_run": recovered["scored"] + recovered["rejected"],
         "partial_files_discarded": recovered["partial_files"] + committed["partial_files"],
-        "patches_skipped_already_done": len(done),
-        "patches_scored_total": total.num_rows - rejected_total,
+        "patches_skipped_already_done": done,
+        "patches_scored_total": count_committed(storage.join(out, "scores"), key.expression()),
         "patches_rejected_total": rejected_total,
         "seconds": round(time.perf_counter() - started, 3),
         "patches_per_s": round(committed["scored"] / scoring_seconds, 3),
@@ -535,19 +584,6 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         summary["auc"],
     )  # fmt: skip
     return summary
-
-
-_DONE_SETS: dict[str, set[str]] = {}  # per worker process: the done ids of the current run
-
-
-def _done_set(ref: ray.ObjectRef) -> set[str]:
-    """The already-done patch ids as a set, built once per worker process and run (not once per
-    block: a per-block hash of every done id made a resume cost O(blocks x done))."""
-    key = ref.hex()
-    if key not in _DONE_SETS:
-        _DONE_SETS.clear()
-        _DONE_SETS[key] = set(ray.get(ref).to_pylist())
-    return _DONE_SETS[key]
 
 
 def _column_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
