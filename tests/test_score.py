@@ -251,6 +251,9 @@ def test_commit_keeps_each_patch_once_and_drops_partial_files(tmp_path):
     assert sorted(ids) == ["a", "b", "c", "d", "e"]
     assert read_scores(out, "rejects")["patch_id"].to_pylist() == ["x"]
     assert not (tmp_path / "score" / "_staging").exists()
+    # the staged files' rows are gathered into one file per table and commit
+    assert len(storage.list_files(storage.join(out, "scores"), ".parquet")) == 2
+    assert len(storage.list_files(storage.join(out, "rejects"), ".parquet")) == 1
 
 
 def test_killed_job_resumes_and_scores_every_patch_exactly_once(

@@ -284,9 +284,15 @@ def _staging(out: str, key: ScoringKey) -> str:
     return storage.join(out, "_staging", hashlib.sha1(str(key).encode()).hexdigest()[:16])
 
 
-def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
+def commit_staged(out: str, key: ScoringKey, rows_per_file: int = 10_000) -> dict[str, int]:
     """Move this key's complete staged files into the score and rejects tables, each row at most
     once (a retried task may have staged a patch twice).
+
+    Rows are gathered across staged files and written in files of about ``rows_per_file`` rows
+    (rejects too, which come a few per batch), so a run adds at most one short file per table
+    however it was cut into blocks or killed. Staged files are removed once all their rows are
+    written; a commit killed before that is redone by the next one, whose de-duplication drops
+    what was already written.
 
     Returns:
         Counts: ``scored`` and ``rejected`` rows committed, ``duplicates`` dropped and
@@ -296,7 +302,17 @@ def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
     staging = _staging(out, key)
     staged = storage.list_files(staging, ".parquet")
     fs, _ = storage.arrow_filesystem(out)
+    tables = {"scored": storage.join(out, "scores"), "rejected": storage.join(out, "rejects")}
     done: dict[str, IdKeySet] = {}  # per table: the keys of its rows under this scoring key
+    pending: dict[str, list[pa.Table]] = {kind: [] for kind in tables}
+
+    def write(kind: str) -> None:
+        if pending[kind]:
+            rows = pa.concat_tables(pending[kind], promote_options="default")
+            target = storage.join(tables[kind], f"{uuid.uuid4().hex}.parquet")
+            _write_atomic(rows, target, staging)
+            pending[kind] = []
+
     for url in staged:
         path = storage.filesystem(url)[1]
         try:
@@ -306,7 +322,6 @@ def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
             counts["partial_files"] += 1
             storage.remove(url)
             continue
-        name = os.path.basename(path)
         for rows, kind in (
             (table.filter(pc.equal(table[REJECT_REASON], "")), "scored"),
             (table.filter(pc.not_equal(table[REJECT_REASON], "")), "rejected"),
@@ -314,8 +329,7 @@ def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
             if rows.num_rows == 0:
                 continue
             if kind not in done:
-                table_url = storage.join(out, "scores" if kind == "scored" else "rejects")
-                done[kind] = IdKeySet(committed_id_keys(table_url, key.expression()))
+                done[kind] = IdKeySet(committed_id_keys(tables[kind], key.expression()))
             keys = id_keys(rows["patch_id"])
             first = np.zeros(len(keys), dtype=bool)  # a retried task may stage a row twice
             first[np.unique(keys, return_index=True)[1]] = True
@@ -331,11 +345,16 @@ def commit_staged(out: str, key: ScoringKey) -> dict[str, int]:
                 rows = rows.select(keep).rename_columns(
                     [c if c != REJECT_REASON else "reason" for c in keep]
                 )
-            target = storage.join(out, "scores" if kind == "scored" else "rejects", name)
-            _write_atomic(rows, target, storage.parent(url))
+            pending[kind].append(rows)
             done[kind].add(keys)
             counts[kind] += rows.num_rows
-        storage.remove(url)
+            if sum(t.num_rows for t in pending[kind]) >= rows_per_file:
+                write(kind)
+    for kind in tables:
+        write(kind)
+    for url in staged:  # every row is written now
+        with contextlib.suppress(FileNotFoundError):
+            storage.remove(url)
     with contextlib.suppress(FileNotFoundError):  # S3 "folders" vanish with their last object
         storage.remove(staging)  # one job per key at a time: nothing else in there
     if not storage.is_remote(out):  # the shared parent, once no key stages anything
@@ -482,7 +501,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     )
     commit = ray.remote(commit_staged).options(num_cpus=0, scheduling_strategy=on_this_node)
     # a killed run's finished files; half-written ones dropped
-    recovered = ray.get(commit.remote(out, key))
+    recovered = ray.get(commit.remote(out, key, cfg.rows_per_file))
     if recovered["scored"] or recovered["rejected"] or recovered["partial_files"]:
         log.info("recovered from an earlier run: %s", recovered)
     done = _done_count(out, key)
@@ -546,7 +565,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     finally:
         context.target_max_block_size = saved_block_size
     scoring_seconds = time.perf_counter() - scoring_started
-    committed = ray.get(commit.remote(out, key))
+    committed = ray.get(commit.remote(out, key, cfg.rows_per_file))
 
     rejected_total = count_committed(storage.join(out, "rejects"), key.expression())
     summary = {
