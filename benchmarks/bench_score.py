@@ -1,17 +1,21 @@
 """Benchmark of the scoring pipeline: Ray Data throughput against the in-process core, and growth.
 
-    python benchmarks/bench_score.py --sizes 20000,100000 --out bench_score.json
+    python benchmarks/bench_score.py --sizes 100000,1000000 --out bench_score.json
 
 1. Pipeline share: the same patches scored in-process with :func:`score_patches` (one process,
    all cores) and by :func:`score` (Ray Data, actor pool); throughput of the second over the first.
 2. Growth: a patch table of each size is scored by a fresh ``score`` job in a subprocess (its own
-   local Ray) with a ``tiny`` model and a few steps; throughput and the peak memory of the job's
-   whole process tree (driver, Ray services, workers; sum of RSS sampled every 0.5 s).
+   local Ray) with a ``tiny`` model and Γ = 1: time per patch, and the peak RSS (sampled every
+   0.5 s) of the driver, of the largest Ray worker, of all workers and of the whole process tree
+   (driver, Ray services, workers); the score table is checked with DuckDB (every patch once).
+3. Resume: the largest size is scored again by a job killed once its staged files hold
+   ``--kill-at`` of the patches, then resumed; the table is checked the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -59,8 +63,31 @@ def write_table(folder: str, n: int, rows_per_file: int = 50_000) -> None:
         pq.write_table(table, f"{folder}/split=test/part-{start // rows_per_file:05d}.parquet")
 
 
-def run_job(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict:
-    """Run one ``score`` job in a subprocess; its summary plus the peak RSS of its process tree."""
+def _memory(root: psutil.Process) -> dict[str, int]:
+    """RSS now of the job's driver, its largest Ray worker, all workers, and the whole tree."""
+    driver = workers = largest = total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            rss = process.memory_info().rss
+            name = " ".join(process.cmdline()[:1])
+        except psutil.Error:
+            continue
+        total += rss
+        if process.pid == root.pid:
+            driver = rss
+        elif name.startswith("ray::"):
+            workers += rss
+            largest = max(largest, rss)
+    return {"driver": driver, "largest_worker": largest, "workers": workers, "tree": total}
+
+
+def run_job(
+    patches: str, model: str, out: str, cfg: ScoreConfig, kill_after_rows: int | None = None
+) -> dict:
+    """Run one ``score`` job in a subprocess (its own local Ray); its summary plus the peak RSS
+    of its driver, its largest worker, all workers and the whole process tree (sampled every
+    0.5 s). With ``kill_after_rows`` the job's whole process tree is SIGKILLed once its staged
+    files hold that many rows, and None is returned."""
     code = (
         "import json, sys; from anogan_ray.config import ScoreConfig; "
         "from anogan_ray.pipelines.score import score; "
@@ -80,23 +107,52 @@ def run_job(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict:
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     root = psutil.Process(job.pid)
-    peak = 0
+    peak = {"driver": 0, "largest_worker": 0, "workers": 0, "tree": 0}
     while job.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
+        now = _memory(root)
+        peak = {name: max(peak[name], now[name]) for name in peak}
+        if kill_after_rows is not None:
+            staged = [
+                os.path.join(d, f)
+                for d, _, files in os.walk(f"{out}/_staging")
+                for f in files
+                if f.endswith(".parquet")
+            ]
+            if len(staged) * cfg.rows_per_file >= kill_after_rows:
+                tree = [root, *root.children(recursive=True)]
+                for process in tree:
+                    with contextlib.suppress(psutil.Error):
+                        process.kill()
+                job.wait()
+                psutil.wait_procs(tree, timeout=30)
+                return None
         time.sleep(0.5)
     if job.returncode != 0:
         raise RuntimeError(f"score job failed with exit code {job.returncode}")
     with open(f"{out}/summary.json") as f:
         summary = json.load(f)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    summary["peak_rss_gib"] = round(peak / 2**30, 3)
+    summary["peak_rss_gib"] = {name: round(value / 2**30, 3) for name, value in peak.items()}
     return summary
+
+
+def exactly_once(out: str, n: int) -> dict:
+    """Rows, distinct patch ids and files of a score table (DuckDB over its Parquet files)."""
+    import duckdb
+
+    rows, distinct = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT patch_id) FROM read_parquet('{out}/scores/*.parquet')"
+    ).fetchall()[0]
+    files = len([f for f in os.listdir(f"{out}/scores") if f.endswith(".parquet")])
+    return {
+        "rows": rows,
+        "distinct_ids": distinct,
+        "files": files,
+        "all_once": rows == distinct == n,
+    }
 
 
 def pipeline_share(work: str, model_cfg, model: str, n: int, cfg: ScoreConfig) -> dict:
@@ -137,7 +193,11 @@ def main() -> None:
     parser.add_argument("--share-patches", type=int, default=1024)
     parser.add_argument("--share-steps", type=int, default=20)
     parser.add_argument("--sizes", default="100000,1000000", help="growth: table sizes")
-    parser.add_argument("--growth-steps", type=int, default=2)
+    parser.add_argument("--growth-steps", type=int, default=1, help="Γ of the growth runs")
+    parser.add_argument(
+        "--kill-at", type=float, default=0.5, help="kill the largest run at this share, resume"
+    )
+    parser.add_argument("--skip-share", action="store_true", help="growth only")
     parser.add_argument("--out", default="bench_score.json")
     args = parser.parse_args()
 
@@ -148,14 +208,17 @@ def main() -> None:
         model = f"{work}/share_model"
         save_bundle(model, *build_models(share_cfg, seed=0), share_cfg)
         cfg = ScoreConfig(steps=args.share_steps, z_lr=0.05, batch_size=128, splits=["test"])
-        result["pipeline_share"] = pipeline_share(work, share_cfg, model, args.share_patches, cfg)
-        print(json.dumps(result["pipeline_share"]), flush=True)
+        if not args.skip_share:
+            share = pipeline_share(work, share_cfg, model, args.share_patches, cfg)
+            result["pipeline_share"] = share
+            print(json.dumps(share), flush=True)
 
         tiny = load_config("tiny").model
         tiny_model = f"{work}/tiny_model"
         save_bundle(tiny_model, *build_models(tiny, seed=0), tiny)
         growth = []
-        for n in (int(s) for s in args.sizes.split(",")):
+        sizes = [int(size) for size in args.sizes.split(",")]
+        for n in sizes:
             patches = f"{work}/patches_{n}"
             write_table(patches, n)
             cfg = ScoreConfig(steps=args.growth_steps, z_lr=0.05, batch_size=256, splits=["test"])
@@ -165,12 +228,37 @@ def main() -> None:
                 "steps": args.growth_steps,
                 "patches_scored": summary["patches_scored"],
                 "wall_seconds": summary["wall_seconds"],
+                "ms_per_patch": round(1e3 * summary["wall_seconds"] / n, 4),
                 "patches_per_s": summary["patches_per_s"],
                 "peak_rss_gib": summary["peak_rss_gib"],
+                "table": exactly_once(f"{work}/out_{n}", n),
             }
+            shutil.rmtree(f"{work}/out_{n}", ignore_errors=True)
+            if n == sizes[-1] and args.kill_at:  # a killed job at the largest size, resumed
+                out = f"{work}/out_{n}_killed"
+                run_job(patches, tiny_model, out, cfg, kill_after_rows=int(args.kill_at * n))
+                resumed = run_job(patches, tiny_model, out, cfg)
+                row["resume_after_kill"] = {
+                    "killed_after_rows": int(args.kill_at * n),
+                    "recovered": resumed["patches_recovered_from_earlier_run"],
+                    "scored_by_resume": resumed["patches_scored"],
+                    "resume_wall_seconds": resumed["wall_seconds"],
+                    "resume_peak_rss_gib": resumed["peak_rss_gib"],
+                    "table": exactly_once(out, n),
+                }
+                shutil.rmtree(out, ignore_errors=True)
             growth.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(patches, ignore_errors=True)
+        first, last = growth[0], growth[-1]
+        result["growth_ratios"] = {
+            "patches": last["patches"] / first["patches"],
+            "ms_per_patch": round(last["ms_per_patch"] / first["ms_per_patch"], 3),
+            **{
+                f"peak_{name}": round(value / max(first["peak_rss_gib"][name], 1e-9), 3)
+                for name, value in last["peak_rss_gib"].items()
+            },
+        }
         result["growth"] = growth
     finally:
         shutil.rmtree(work, ignore_errors=True)
