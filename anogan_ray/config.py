@@ -121,6 +121,9 @@ class TrainConfig:
     encoder_epochs: int = _at_least(0, 0)  # passes of the encoder's training (0: train.epochs)
     baselines: bool = True  # also train the aCAE and fit PCA (the paper's Table 1 baselines)
     pca_components: int = _at_least(1, 8)  # components of the PCA baseline
+    precision: str = _choices("fp32", "bf16", default="fp32")  # bf16: every training step's
+    # forward and backward passes under bfloat16 autocast (weights, optimizer states and the
+    # exported bundle stay fp32)
 
 
 @dataclass

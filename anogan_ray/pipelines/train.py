@@ -24,6 +24,7 @@ epoch's seconds and the time left; Ray forwards it to the driver's output.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -378,6 +379,16 @@ def _sample_pixels(data: TrainingPatches, count: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def training_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The arithmetic of a training step: ``bf16`` is bfloat16 autocast around the whole step
+    (no loss scaling: bf16 has fp32's range), ``fp32`` true fp32 (TF32 off on CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["config"])
     recipe = RECIPES[config["recipe"]]
@@ -387,6 +398,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    precision = training_precision(device, train_cfg.precision)
 
     modules = recipe.build(model_cfg, train_cfg.seed)
     freeze(recipe, modules, config["frozen"])
@@ -511,7 +523,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             real = torch.from_numpy(decode_pixels(batch["pixels"])).unsqueeze(1).to(device)
             # real: (B, 1, 64, 64) in [-1, 1]
-            step_metrics = recipe.step(modules, optimizers, real, model_cfg, train_cfg)
+            with precision:
+                step_metrics = recipe.step(modules, optimizers, real, model_cfg, train_cfg)
             sums += torch.cat([step_metrics, step_metrics.new_ones(1)])  # to both rows
             step += 1
             end_of_epoch = batch_index + 1 == steps_per_epoch
