@@ -18,6 +18,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import operator
+import os
+import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,6 +56,10 @@ PATCH_COLUMNS = (
 )
 
 LABEL_UNKNOWN = -1
+# DuckDB's working memory per connection (aggregation, sorting, temporary tables); beyond it
+# DuckDB spills to a folder under the system's temporary folder, so a query on a table of any
+# size fits in this (plus Python's own share).
+DUCKDB_MEMORY = "1GB"
 
 # The scoring key: a score row is unique per (patch_id, *KEY_COLUMNS).
 KEY_COLUMNS = ("model_id", "lambda", "steps", "z_lr", "mapping")
@@ -304,9 +311,10 @@ def scoring_keys(dataset: ds.Dataset) -> list[ScoringKey]:
     missing = [c for c in KEY_COLUMNS if c not in dataset.schema.names]
     if missing:
         raise TableError(f"not a score table: missing key column(s) {', '.join(missing)}")
-    # batch by batch: the key columns of a 10^7-row table alone would take ~0.5 GB at once
+    # batch by batch, few read ahead: a 10^7-row table's key columns would take ~0.5 GB at once
     keys = set()
-    for batch in dataset.to_batches(columns=list(KEY_COLUMNS)):
+    scanner = dataset.scanner(columns=list(KEY_COLUMNS), batch_readahead=2, fragment_readahead=1)
+    for batch in scanner.to_batches():
         distinct = pa.Table.from_batches([batch]).group_by(list(KEY_COLUMNS)).aggregate([])
         keys.update(ScoringKey(*(row[c] for c in KEY_COLUMNS)) for row in distinct.to_pylist())
     return sorted(keys, key=str)
@@ -344,14 +352,16 @@ def connect(
     The pyarrow dataset of :func:`open_dataset` is registered as it is, so the same code reads
     local and ``s3://`` tables (DuckDB's httpfs is not needed) and DuckDB pushes filters and
     column selection down into the Parquet scan, streaming the files: a query holds its result
-    and its aggregation state in memory, never the table. With ``key`` the view holds the rows
+    and its aggregation state in memory (at most :data:`DUCKDB_MEMORY`, then it spills to
+    disk), never the table. With ``key`` the view holds the rows
     of the one scoring key that ``key`` selects (an error lists the keys present when it selects
     none or several), returned next to the connection; without it, every row (and None).
     """
     import duckdb
 
     dataset = open_dataset(urls)
-    con = duckdb.connect()
+    spill = os.path.join(tempfile.gettempdir(), f"anogan-ray-duckdb-{uuid.uuid4().hex[:12]}")
+    con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY, "temp_directory": spill})
     if key is None:
         con.register("scores", dataset)
         return con, None
