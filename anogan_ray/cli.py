@@ -433,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=["patch", "volume", "subject"], default="patch")
     p.add_argument("--aggregate", choices=["max", "mean"], default="max", help="patch -> volume")
     p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
-    p.add_argument("--json", help="also write the full result (with ROC points) here")
+    p.add_argument(
+        "--json", help="also write the full result (with ROC curves of at most 2,000 points) here"
+    )
     p.add_argument(
         "--compare",
         action="store_true",

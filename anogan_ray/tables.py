@@ -6,8 +6,9 @@
   (``patch_id``, scoring key); a table may hold several scoring keys (models, λ, Γ, z's rate,
   mappings), and every reader selects exactly one (:func:`select_key`).
 - One reader per table: :func:`read_patch_table` (Ray Data, for the pipelines; its rows are
-  counted by :func:`count_patches`), :func:`open_dataset` (pyarrow, for analysis; DuckDB
-  registers it), :func:`read_scores`.
+  counted by :func:`count_patches`), :func:`open_dataset` (pyarrow, for analysis; :func:`connect`
+  registers it with DuckDB, which is how evaluate, query and report read a score table of any
+  size), :func:`read_scores` (one key's rows in pandas: small tables and selected rows only).
 
 Importing this module does not import Ray (the torch core uses the patch ids and the codec).
 """
@@ -17,6 +18,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import operator
+import os
+import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +34,7 @@ import pyarrow.parquet as pq
 from anogan_ray import storage
 
 if TYPE_CHECKING:
+    import duckdb
     import ray.data
 
 PATCH_SIZE = 64
@@ -51,6 +56,10 @@ PATCH_COLUMNS = (
 )
 
 LABEL_UNKNOWN = -1
+# DuckDB's working memory per connection (aggregation, sorting, temporary tables); beyond it
+# DuckDB spills to a folder under the system's temporary folder, so a query on a table of any
+# size fits in this (plus Python's own share).
+DUCKDB_MEMORY = "1GB"
 
 # The scoring key: a score row is unique per (patch_id, *KEY_COLUMNS).
 KEY_COLUMNS = ("model_id", "lambda", "steps", "z_lr", "mapping")
@@ -383,8 +392,12 @@ def scoring_keys(dataset: ds.Dataset) -> list[ScoringKey]:
     missing = [c for c in KEY_COLUMNS if c not in dataset.schema.names]
     if missing:
         raise TableError(f"not a score table: missing key column(s) {', '.join(missing)}")
-    distinct = dataset.to_table(columns=list(KEY_COLUMNS)).group_by(list(KEY_COLUMNS)).aggregate([])
-    keys = [ScoringKey(*(row[c] for c in KEY_COLUMNS)) for row in distinct.to_pylist()]
+    # batch by batch, few read ahead: a 10^7-row table's key columns would take ~0.5 GB at once
+    keys = set()
+    scanner = dataset.scanner(columns=list(KEY_COLUMNS), batch_readahead=2, fragment_readahead=1)
+    for batch in scanner.to_batches():
+        distinct = pa.Table.from_batches([batch]).group_by(list(KEY_COLUMNS)).aggregate([])
+        keys.update(ScoringKey(*(row[c] for c in KEY_COLUMNS)) for row in distinct.to_pylist())
     return sorted(keys, key=str)
 
 
@@ -410,6 +423,52 @@ def select_key(
         f"--mapping, --model-id; `evaluate --compare` shows them all side by side). Keys "
         f"present:\n  {listing}"
     )
+
+
+def connect(
+    urls: str | Sequence[str], key: str | dict | None = None
+) -> tuple[duckdb.DuckDBPyConnection, ScoringKey | None]:
+    """A DuckDB connection with the score table(s) registered as the view ``scores``, and the key.
+
+    The pyarrow dataset of :func:`open_dataset` is registered as it is, so the same code reads
+    local and ``s3://`` tables (DuckDB's httpfs is not needed) and DuckDB pushes filters and
+    column selection down into the Parquet scan, streaming the files: a query holds its result
+    and its aggregation state in memory (at most :data:`DUCKDB_MEMORY`, then it spills to
+    disk), never the table. With ``key`` the view holds the rows
+    of the one scoring key that ``key`` selects (an error lists the keys present when it selects
+    none or several), returned next to the connection; without it, every row (and None).
+    """
+    import duckdb
+
+    dataset = open_dataset(urls)
+    spill = os.path.join(tempfile.gettempdir(), f"anogan-ray-duckdb-{uuid.uuid4().hex[:12]}")
+    con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY, "temp_directory": spill})
+    if key is None:
+        con.register("scores", dataset)
+        return con, None
+    chosen = select_key(dataset, key, f"score table {', '.join(as_list(urls))}")
+    con.register("all_scores", dataset)
+    con.execute(f"CREATE VIEW scores AS SELECT * FROM all_scores WHERE {key_condition(chosen)}")
+    return con, chosen
+
+
+def key_condition(key: ScoringKey) -> str:
+    """A SQL condition selecting ``key``'s rows (values from the table itself, quoted)."""
+
+    def literal(value: object) -> str:
+        return "'" + value.replace("'", "''") + "'" if isinstance(value, str) else repr(value)
+
+    return " AND ".join(f'"{c}" = {literal(v)}' for c, v in key.row().items())
+
+
+def sql_number(expression: str) -> str:
+    """A numeric SQL expression with NaN read as NULL.
+
+    DuckDB orders NaN above every number and its MAX / AVG return NaN when one is present;
+    pandas and numpy skip NaN. Read through this, a NaN score is left out of aggregates and
+    sorts last, as it does in pandas.
+    """
+    return f"(CASE WHEN isnan({expression}) THEN NULL ELSE {expression} END)"
 
 
 def read_scores(

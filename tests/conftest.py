@@ -218,6 +218,19 @@ def scored_cohort(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def table_at_scale(tmp_path_factory):
+    """A synthetic score table of 2 x 10^5 rows in 16 files (two keys) and its pandas copy."""
+    import pyarrow.dataset as ds
+
+    from anogan_ray.analysis.synthetic import write_score_table
+
+    folder = str(tmp_path_factory.mktemp("at_scale") / "scores")
+    write_score_table(folder, 100_000, files=4, keys=2)
+    frame = ds.dataset(folder, format="parquet", partitioning="hive").to_table().to_pandas()
+    return folder, frame
+
+
 # --- scoring (issue 5): synthetic OCT-like patches and a tiny GAN trained on them in-process ---
 
 

@@ -130,3 +130,87 @@ def test_image_level_labels_are_evaluated_per_volume(scored_cohort, tmp_path):
     assert result["scores"]["A"]["auc"] == pytest.approx(
         roc_auc_score(volumes["label"], volumes["score"])
     )
+
+
+def test_auc_and_roc_equal_sklearn_with_ties():
+    """The rank-sum AUC (average ranks for ties) is scikit-learn's; every ROC point kept is a
+    point of scikit-learn's full curve, and a long curve is cut to at most ROC_POINTS points."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n = int(rng.integers(10, 3000))
+        labels = rng.integers(0, 2, n)
+        scores = np.round(rng.normal(0, 1, n) + 0.8 * labels, int(rng.integers(0, 3)))  # ties
+        assert metrics.auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), 1e-12)
+    labels = rng.integers(0, 2, 50_000)
+    scores = rng.normal(0, 1, 50_000) + labels
+    with metrics._ranking_of(scores, labels) as ranking:
+        roc = ranking.roc()
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    full = set(zip(fpr.tolist(), tpr.tolist()))
+    assert 1000 < len(roc["fpr"]) <= metrics.ROC_POINTS
+    assert all(point in full for point in zip(roc["fpr"], roc["tpr"]))
+    assert (roc["fpr"][0], roc["tpr"][0], roc["fpr"][-1], roc["tpr"][-1]) == (0, 0, 1, 1)
+    assert np.abs(np.diff(roc["fpr"]) + np.diff(roc["tpr"])).max() < 0.01  # no long gap
+
+
+def _youden_by_sklearn(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The highest threshold maximizing J, between distinct scores (never below all of them)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)  # [0]: inf
+    best = int(np.argmax(tpr[1:-1] - fpr[1:-1]))
+    return (thresholds[1 + best] + thresholds[2 + best]) / 2
+
+
+def test_metrics_at_scale_agree_with_pandas_and_sklearn(table_at_scale):
+    folder, frame = table_at_scale
+    key = {"lambda": 0.1}
+    rows = frame[frame["lambda"] == 0.1]
+    val, test = rows[rows["split"] == "val"], rows[rows["split"] == "test"]
+    record = metrics.calibrate(folder, key=key)
+    healthy_val = val.loc[val["label"] != 1, "anomaly_score"]
+    assert record["threshold"] == np.percentile(healthy_val, 99)  # exact, not approximate
+    assert "acae_score" not in record["levels"]["patch"]  # all NaN: no threshold
+    result = metrics.evaluate(folder, key=key)  # thresholds calibrated on val now
+    labelled = test[test["label"] >= 0]
+    assert result["n"] == len(labelled)
+    for name, column in metrics.SCORES.items():
+        if column == "acae_score":
+            assert name not in result["scores"]
+            continue
+        oriented = metrics.oriented(labelled[column].to_numpy(), column)
+        row = result["scores"][name]
+        assert row["auc"] == pytest.approx(roc_auc_score(labelled["label"], oriented), 1e-12)
+        threshold = record["levels"]["patch"][column]["value"]
+        called = oriented > threshold
+        assert row["threshold"] == threshold
+        assert row["tp"] == int((called & (labelled["label"] == 1)).sum())
+        assert row["fp"] == int((called & (labelled["label"] == 0)).sum())
+        assert len(row["roc"]["fpr"]) <= metrics.ROC_POINTS
+    small = labelled[(labelled["label"] == 0) | (labelled["anomaly_fraction"] <= 0.03)]
+    assert result["scores"]["A"]["auc_small"] == pytest.approx(
+        roc_auc_score(small["label"], small["anomaly_score"]), 1e-12
+    )
+    # a supervised threshold on labelled test patches, as scikit-learn's curve gives it
+    youden = metrics.calibrate(folder, method="youden", split="test", key=key)
+    assert youden["levels"]["patch"]["residual_score"]["value"] == pytest.approx(
+        _youden_by_sklearn(labelled["residual_score"].to_numpy(), labelled["label"].to_numpy())
+    )
+    # volume level: the max of each volume's patch scores, the label from the manifest's
+    volume = metrics.evaluate(folder, threshold=120.0, level="volume", key=key)
+    maxima = test.groupby("volume_id").agg(
+        score=("anomaly_score", "max"), label=("volume_label", "max")
+    )
+    assert volume["n"] == len(maxima)
+    assert volume["scores"]["A"]["auc"] == pytest.approx(
+        roc_auc_score(maxima["label"], maxima["score"]), 1e-12
+    )
+    assert volume["scores"]["A"]["tp"] == int(((maxima["score"] > 120) & maxima["label"]).sum())
+    # every key side by side, each as scikit-learn computes it
+    for row in metrics.compare(folder):
+        chosen = frame[(frame["lambda"] == row["lambda"]) & (frame["split"] == "test")]
+        chosen = chosen[chosen["label"] >= 0]
+        assert row["n"] == len(chosen)
+        assert row["P_D"] == pytest.approx(roc_auc_score(chosen["label"], 1 - chosen["p_d"]))

@@ -133,3 +133,29 @@ def test_pixels_column_decodes_each_layout(storage_kind):
     else:
         column = pa.array([p.ravel() for p in patches], pa.large_list(pa.uint8()))
     assert np.array_equal(pixels_from_column(pa.chunked_array([column])), patches)
+
+
+def test_report_at_scale_agrees_with_pandas(table_at_scale, tmp_path):
+    """On 2 x 10^5 rows: the mapped volumes are the most anomalous, the histograms count every
+    labelled patch, the t-SNE sample is stratified and drawn the same for the same seed."""
+    folder, frame = table_at_scale
+    key = {"lambda": 0.2}
+    result = report.report(folder, str(tmp_path / "r"), key=key, volumes=2)
+    test = frame[(frame["lambda"] == 0.2) & (frame["split"] == "test")]
+    worst = test.groupby("volume_id")["anomaly_score"].max().sort_values(ascending=False)
+    assert {"roc", "histograms"} | {f"volume_{v}" for v in worst.index[:2]} == set(result["images"])
+    assert len(result["keys"]) == 2  # the table holds two keys: both side by side
+    index = (tmp_path / "r" / "index.html").read_text()
+    assert f"{len(test)} patches in {test['volume_id'].nunique()} volumes" in index
+    con, _ = report.connect(folder, key)
+    histograms = report._histograms(con, "test")
+    labelled = test[test["label"] >= 0]
+    for column, (edges, counts) in histograms.items():
+        for label in (0, 1):
+            values = labelled.loc[labelled["label"] == label, column]
+            assert np.array_equal(counts[label], np.histogram(values, edges)[0])
+    sample = report._stratified(con, "test", 600, seed=0)
+    assert len(sample) == 600 and (sample["label"] == 1).sum() == 300
+    assert sample["patch_id"].is_unique and set(sample["patch_id"]) <= set(test["patch_id"])
+    assert sample.equals(report._stratified(con, "test", 600, seed=0))
+    assert not sample.equals(report._stratified(con, "test", 600, seed=1))

@@ -2,10 +2,12 @@
 
 A score table (DESIGN.md §3.4) is a folder of Parquet files, possibly hive-partitioned
 (``split=test/...``), on local disk or ``s3://``. Each folder is opened as a pyarrow dataset
-through :mod:`anogan_ray.storage` and registered with DuckDB as the view ``scores``, so the same
-code reads local and remote tables (DuckDB's own httpfs is not needed) and DuckDB pushes filters
-and column selection down into the Parquet scan. Several folders are read as one table, their
-columns united by name.
+through :mod:`anogan_ray.storage` and registered with DuckDB as the view ``scores``
+(:func:`anogan_ray.tables.connect`), so the same code reads local and remote tables (DuckDB's
+own httpfs is not needed) and DuckDB pushes filters and column selection down into the Parquet
+scan. Several folders are read as one table, their columns united by name. Top-k and aggregates
+stream the table (memory holds k rows or one row per volume); ``sql`` returns whatever the query
+selects.
 
 A table may hold several scoring keys (models, λ, Γ, z's rate, mappings): top-k and aggregates
 read exactly one (:func:`anogan_ray.tables.select_key`; ``keys`` lists them), ``sql`` sees every
@@ -26,14 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from anogan_ray import storage
-from anogan_ray.tables import (
-    KEY_COLUMNS,
-    ScoringKey,
-    TableError,
-    as_list,
-    open_dataset,
-    select_key,
-)
+from anogan_ray.tables import KEY_COLUMNS, ScoringKey, TableError, as_list, connect, sql_number
 
 # The scores a user ranks or aggregates by; p_d is D's "real" probability (low = anomalous).
 SCORE_COLUMNS = (
@@ -50,37 +45,11 @@ LEVELS = ("volume", "subject")
 FORMATS = ("table", "csv", "parquet", "json")
 
 
-def connect(urls: str | Sequence[str], key: str | dict | None = None) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the score table(s) registered as the view ``scores``.
-
-    With ``key`` the view holds the rows of the one scoring key that ``key`` selects (an error
-    lists the keys present when it selects none or several); without it, every row.
-    """
-    dataset = open_dataset(urls)
-    con = duckdb.connect()
-    if key is None:
-        con.register("scores", dataset)
-        return con
-    chosen = select_key(dataset, key, f"score table {', '.join(as_list(urls))}")
-    con.register("all_scores", dataset)
-    con.execute(f"CREATE VIEW scores AS SELECT * FROM all_scores WHERE {_sql_match(chosen)}")
-    return con
-
-
-def _sql_match(key: ScoringKey) -> str:
-    """A SQL condition selecting ``key``'s rows (values from the table itself, quoted)."""
-
-    def literal(value: object) -> str:
-        return "'" + value.replace("'", "''") + "'" if isinstance(value, str) else repr(value)
-
-    return " AND ".join(f'"{c}" = {literal(v)}' for c, v in key.row().items())
-
-
 def keys(scores: str | Sequence[str]) -> pa.Table:
     """The scoring keys a score table holds, with their row counts (``query --keys``)."""
     urls = as_list(scores)
     group = ", ".join(f'"{c}"' for c in KEY_COLUMNS)
-    table = _run(connect(urls), f"SELECT {group}, COUNT(*) AS patches FROM scores "
+    table = _run(connect(urls)[0], f"SELECT {group}, COUNT(*) AS patches FROM scores "
                  f"GROUP BY {group} ORDER BY {group}", [], urls)  # fmt: skip
     names = [str(ScoringKey(*row.values())) for row in table.select(KEY_COLUMNS).to_pylist()]
     return table.append_column("key", pa.array(names, pa.string()))
@@ -126,7 +95,8 @@ def top_k(
     split: str | None = None,
     key: str | dict | None = None,
 ) -> pa.Table:
-    """The ``k`` most anomalous patches, most anomalous first (ties broken by ``patch_id``).
+    """The ``k`` most anomalous patches, most anomalous first (ties broken by ``patch_id``; NaN
+    scores last).
 
     Args:
         scores: score table folder(s), local or s3.
@@ -137,14 +107,15 @@ def top_k(
             left out when the table holds one.
     """
     urls = as_list(scores)
-    con = connect(urls, key or {})
+    con, _ = connect(urls, key or {})
     _check_columns(con, [score], urls)
     where, params = _filters(subject, volume, split)
     order = "ASC" if score == "p_d" else "DESC"
     shown = ", ".join(f'"{c}"' for c in columns(con) if c != "z")  # z is long and unreadable
+    value = sql_number(f'"{score}"')
     sql = (
         f"SELECT {shown} FROM scores{where} "
-        f'ORDER BY "{score}" {order} NULLS LAST, patch_id LIMIT {int(k)}'
+        f"ORDER BY {value} {order} NULLS LAST, patch_id LIMIT {int(k)}"
     )
     return _run(con, sql, params, urls)
 
@@ -159,16 +130,16 @@ def aggregate(
 ) -> pa.Table:
     """Per-volume or per-subject summary of patch scores, most anomalous first.
 
-    Columns: ``subject_id`` (``volume_id``), ``model_id``, ``patches``, ``max_score``,
-    ``mean_score``, ``above_threshold`` and ``share_above_threshold`` (null without a threshold;
-    a patch is above when its score is greater than the threshold), ``anomalous_patches`` and
-    ``labelled_patches`` (from the annotation labels); one scoring key's rows (``key``, as in
-    :func:`top_k`).
+    Columns: ``subject_id`` (``volume_id``), ``model_id``, ``patches``, ``max_score`` and
+    ``mean_score`` (of the patches' non-NaN scores), ``above_threshold`` and
+    ``share_above_threshold`` (null without a threshold; a patch is above when its score is
+    greater than the threshold), ``anomalous_patches`` and ``labelled_patches`` (from the
+    annotation labels); one scoring key's rows (``key``, as in :func:`top_k`).
     """
     if level not in LEVELS:
         raise TableError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
     urls = as_list(scores)
-    con = connect(urls, key or {})
+    con, _ = connect(urls, key or {})
     _check_columns(con, [score], urls)
     keys = ["subject_id", "volume_id"] if level == "volume" else ["subject_id"]
     where, params = _filters(None, None, split)
@@ -179,11 +150,12 @@ def aggregate(
         share = f'AVG(CASE WHEN "{score}" > ? THEN 1.0 ELSE 0.0 END)'
         params = [float(threshold), float(threshold), *params]
     group = ", ".join(keys + ["model_id"])
+    value = sql_number(f'"{score}"')
     sql = f"""
         SELECT {group},
                COUNT(*) AS patches,
-               MAX("{score}") AS max_score,
-               AVG("{score}") AS mean_score,
+               MAX({value}) AS max_score,
+               AVG({value}) AS mean_score,
                {above} AS above_threshold,
                {share} AS share_above_threshold,
                SUM(CASE WHEN label = 1 THEN 1 ELSE 0 END) AS anomalous_patches,
@@ -199,7 +171,7 @@ def sql(scores: str | Sequence[str], query: str) -> pa.Table:
     """Run any SQL against the view ``scores`` (e.g. ``SELECT split, COUNT(*) FROM scores
     GROUP BY split``)."""
     urls = as_list(scores)
-    return _run(connect(urls), query, [], urls)
+    return _run(connect(urls)[0], query, [], urls)
 
 
 def format_table(table: pa.Table, max_rows: int = 50) -> str:

@@ -23,6 +23,12 @@ picture             shows                                               needs
                     or else D's features; exemplars per cluster
                     (``markers.parquet`` lists the clusters)
 ==================  ==================================================  ====================
+
+The score table is never loaded whole (it may hold 10^7 patches): DuckDB computes the ROC curves
+(:func:`anogan_ray.core.metrics.evaluate`), the histograms (exact bin counts), the most anomalous
+volumes and patches (:mod:`anogan_ray.analysis.query`) and the t-SNE's stratified sample (rows
+ordered by a seeded hash of ``patch_id``, so the same seed draws the same patches); only the rows
+of the mapped volumes and of the chosen patches come into pandas.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import duckdb
 import matplotlib
 
 matplotlib.use("Agg")
@@ -44,10 +51,12 @@ import pyarrow.dataset as ds  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from anogan_ray import storage  # noqa: E402
+from anogan_ray.analysis import query  # noqa: E402
 from anogan_ray.core import metrics  # noqa: E402
 from anogan_ray.tables import (  # noqa: E402
     PATCH_SIZE,
     TableError,
+    connect,
     decode_pixels,
     open_dataset,
     pixels_from_column,
@@ -200,18 +209,59 @@ def _roc_figure(evaluation: dict[str, Any]) -> plt.Figure:
     return fig
 
 
-def _histogram_figure(frame: pd.DataFrame) -> plt.Figure:
+_HISTOGRAM_COLUMNS = ("residual_score", "discrimination_score")  # Fig. 4 c, d
+
+
+def _histograms(
+    con: duckdb.DuckDBPyConnection, split: str, bins: int = 40
+) -> dict[str, tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """Per column of :data:`_HISTOGRAM_COLUMNS`: (bin edges, {label: counts}) of the labelled,
+    finite scores of ``split``, counted by DuckDB (the edges are numpy's for the same data)."""
+    result = {}
+    for column in _HISTOGRAM_COLUMNS:
+        kept = f'split = $split AND label IN (0, 1) AND isfinite("{column}")'
+        low, high = con.execute(
+            f'SELECT MIN("{column}"), MAX("{column}") FROM scores WHERE {kept}', {"split": split}
+        ).fetchone()
+        if low is None:  # no finite labelled score: empty bins
+            low, high = 0.0, 1.0
+        edges = np.histogram_bin_edges(np.array([low, high], np.float64), bins=bins)
+        # np.histogram's own binning: a guess from the scale, then one step down or up where
+        # rounding put a value on the wrong side of an edge (edges[i] <= v < edges[i + 1])
+        norm = bins / (float(edges[-1]) - float(edges[0]))
+        counted = con.execute(
+            f"""WITH guessed AS (
+                    SELECT label, "{column}" AS v,
+                           LEAST(CAST(floor(("{column}" - $first) * $norm) AS BIGINT), $last) AS i
+                    FROM scores WHERE {kept}),
+                down AS (SELECT label, v, i - CAST(v < $edges[i + 1] AS BIGINT) AS i FROM guessed)
+                SELECT label, i + CAST(v >= $edges[i + 2] AND i != $last AS BIGINT), COUNT(*)
+                FROM down GROUP BY ALL""",
+            {
+                "first": float(edges[0]),
+                "norm": norm,
+                "last": bins - 1,
+                "edges": edges.tolist(),
+                "split": split,
+            },
+        ).fetchall()
+        counts = {0: np.zeros(bins), 1: np.zeros(bins)}
+        for label, index, n in counted:
+            counts[int(label)][int(index)] = n
+        result[column] = (edges, counts)
+    return result
+
+
+def _histogram_figure(histograms: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, column, title in zip(
-        axes, ("residual_score", "discrimination_score"), ("(c) residual score R", "(d) D")
-    ):
-        values = frame[column].to_numpy(np.float64)
-        finite = np.isfinite(values)
-        bins = np.histogram_bin_edges(values[finite], bins=40)
+    for ax, column, title in zip(axes, _HISTOGRAM_COLUMNS, ("(c) residual score R", "(d) D")):
+        edges, counts = histograms[column]
         for label, color in ((0, "tab:blue"), (1, "tab:red")):
-            chosen = values[finite & (frame["label"].to_numpy() == label)]
-            ax.hist(chosen, bins=bins, alpha=0.6, density=True, color=color)
-            ax.plot([], [], color=color, lw=6, label=f"{_LABEL_NAMES[label]} (n={chosen.size})")
+            n = int(counts[label].sum())
+            if n:  # the bins' counts as weights: the same bars as ax.hist of the scores
+                ax.hist(edges[:-1], edges, weights=counts[label], alpha=0.6, density=True,
+                        color=color)  # fmt: skip
+            ax.plot([], [], color=color, lw=6, label=f"{_LABEL_NAMES[label]} (n={n})")
         ax.set(xlabel=column, ylabel="density", title=title)
         ax.legend(fontsize=8)
     return fig
@@ -386,19 +436,27 @@ def _marker_figure(
 # ---------------------------------------------------------------------------------------------
 
 
-def _stratified(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """Up to ``n`` rows, half of them anomalous where there are enough."""
-    anomalous = frame[frame["label"] == 1]
-    others = frame[frame["label"] != 1]
-    take_anomalous = min(len(anomalous), n // 2)
-    take_others = min(len(others), n - take_anomalous)
-    take_anomalous = min(len(anomalous), n - take_others)
-    return pd.concat(
-        [
-            anomalous.sample(take_anomalous, random_state=seed),
-            others.sample(take_others, random_state=seed),
-        ]
-    ).sort_values("patch_id")
+def _stratified(con: duckdb.DuckDBPyConnection, split: str, n: int, seed: int) -> pd.DataFrame:
+    """Up to ``n`` patches of ``split`` (``patch_id``, ``label``), half of them anomalous where
+    there are enough; each class's first rows in the order of md5(seed, patch_id), a stable
+    pseudo-random order, so a seed always draws the same patches (DuckDB keeps only the top n)."""
+    anomalous, others = con.execute(
+        "SELECT COUNT(*) FILTER (WHERE label = 1), COUNT(*) FILTER (WHERE label IS DISTINCT "
+        "FROM 1) FROM scores WHERE split = ?",
+        [split],
+    ).fetchone()
+    take_anomalous = min(anomalous, n // 2)
+    take_others = min(others, n - take_anomalous)
+    take_anomalous = min(anomalous, n - take_others)
+    draw = (
+        "SELECT patch_id, label FROM scores WHERE split = ? AND label {} "
+        "ORDER BY md5(? || patch_id) LIMIT ?"
+    )
+    sample = con.execute(
+        f"({draw.format('= 1')}) UNION ALL ({draw.format('IS DISTINCT FROM 1')})",
+        [split, f"{seed}/", take_anomalous, split, f"{seed}/", take_others],
+    ).df()
+    return sample.sort_values("patch_id", ignore_index=True)
 
 
 def report(
@@ -439,17 +497,22 @@ def report(
         ``{"out", "index", "images": {name: url}, "skipped": {name: reason}, "auc": {...},
         "markers": url or None}``.
     """
-    frame = metrics.read_scores(scores, key=key)
-    key = metrics.key_text(frame)
-    chosen = frame[frame["split"] == split].reset_index(drop=True)
-    if chosen.empty:
+    con, chosen_key = connect(scores, key or {})
+    key = str(chosen_key)
+    counts = con.execute(
+        "SELECT COUNT(*), COUNT(DISTINCT volume_id), COUNT(*) FILTER (WHERE label = 1), "
+        "COUNT(*) FILTER (WHERE label = 0) FROM scores WHERE split = ?",
+        [split],
+    ).fetchone()
+    n_patches, n_volumes, n_anomalous, n_normal = counts
+    if n_patches == 0:
         raise metrics.MetricsError(f"score table {scores}: no rows in split {split!r}")
     if model:
         bundle_id = storage.read_json(storage.join(model, "bundle.json"))["model_id"]
-        if bundle_id != frame["model_id"].iloc[0]:
+        if bundle_id != chosen_key.model_id:
             raise ValueError(
                 f"model bundle {model} is model_id {bundle_id}, but the rows of key {key} were "
-                f"scored by {frame['model_id'].iloc[0]}: give the bundle that scored them"
+                f"scored by {chosen_key.model_id}: give the bundle that scored them"
             )
     storage.makedirs(out)
     images: dict[str, str] = {}
@@ -466,12 +529,9 @@ def report(
         captions["roc"] = "ROC curves of the scores at patch level (paper Fig. 4 a, b)."
     except metrics.MetricsError as err:
         skipped["roc"] = str(err)
-    labelled = chosen[chosen["label"] >= 0]
-    if labelled["label"].nunique() == 2 and {"residual_score", "discrimination_score"} <= set(
-        chosen.columns
-    ):
+    if n_anomalous and n_normal and set(_HISTOGRAM_COLUMNS) <= set(query.columns(con)):
         images["histograms"] = _save(
-            _histogram_figure(labelled), storage.join(out, "histograms.png")
+            _histogram_figure(_histograms(con, split)), storage.join(out, "histograms.png")
         )
         captions["histograms"] = (
             "Residual and discrimination scores, normal vs anomalous (Fig. 4 c, d)."
@@ -485,12 +545,15 @@ def report(
         patch_threshold = float(threshold)
 
     # Where in the eye: per-volume en-face maps and B-scan heat maps
-    worst_volumes = chosen.groupby("volume_id")["anomaly_score"].max().sort_values(ascending=False)
-    for volume_id in worst_volumes.index[:volumes]:
+    worst_volumes = query.aggregate(scores, "volume", split=split, key=key)["volume_id"]
+    for volume_id in worst_volumes.to_pylist()[:volumes]:
         name = "volume_" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in volume_id)
-        fig = _volume_figure(
-            volume_id, chosen[chosen["volume_id"] == volume_id], patches, patch_threshold
-        )
+        rows = con.execute(
+            "SELECT patch_id, bscan, y, x, anomaly_score FROM scores "
+            "WHERE split = ? AND volume_id = ?",
+            [split, volume_id],
+        ).df()
+        fig = _volume_figure(volume_id, rows, patches, patch_threshold)
         images[name] = _save(fig, storage.join(out, f"{name}.png"))
         captions[name] = (
             f"Volume {volume_id}: en-face map (B-scan index x lateral position) of the max patch "
@@ -526,7 +589,9 @@ def report(
         )
     else:
         skipped["quality"] = "needs a model bundle (--model) written by `train`"
-    ranked = chosen.sort_values(["anomaly_score", "patch_id"], ascending=[False, True])
+    ranked = pd.DataFrame()
+    if bundle is not None:  # the most anomalous patches, for top-k and markers
+        ranked = query.top_k(scores, max(top_k, marker_patches), split=split, key=key).to_pandas()
 
     if bundle is None:
         skipped["top_k"] = need
@@ -550,7 +615,7 @@ def report(
         from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
 
-        sample = _stratified(chosen, embed_patches, seed)
+        sample = _stratified(con, split, embed_patches, seed)
         features = discriminator_features(bundle, _pixels_for(patches, list(sample["patch_id"])))
         reduced = PCA(n_components=min(30, *features.shape), random_state=seed).fit_transform(
             features
@@ -604,9 +669,9 @@ def report(
     auc = {} if evaluation is None else {k: v["auc"] for k, v in evaluation["scores"].items()}
     index = storage.join(out, "index.html")
     keys = metrics.compare(scores, split) if len(scoring_keys(open_dataset(scores))) > 1 else []
-    storage.write_bytes(
-        index, _index_html(frame, split, images, captions, skipped, auc, keys).encode()
-    )
+    counted = f"{n_patches} patches in {n_volumes} volumes"
+    page = _index_html(chosen_key.model_id, split, counted, images, captions, skipped, auc, keys)
+    storage.write_bytes(index, page.encode())
     summary = {
         "out": out,
         "index": index,
@@ -621,8 +686,9 @@ def report(
 
 
 def _index_html(
-    frame: pd.DataFrame,
+    model_id: str,
     split: str,
+    counted: str,
     images: dict[str, str],
     captions: dict[str, str],
     skipped: dict[str, str],
@@ -635,9 +701,7 @@ def _index_html(
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%;"
         "border:1px solid #ccc}figure{margin:1.5em 0}td,th{padding:2px 10px}</style></head><body>",
         "<h1>anogan-ray report</h1>",
-        f"<p>model_id {esc(str(frame['model_id'].iloc[0]))}; split {esc(split)}: "
-        f"{int((frame['split'] == split).sum())} patches in "
-        f"{frame.loc[frame['split'] == split, 'volume_id'].nunique()} volumes.</p>",
+        f"<p>model_id {esc(model_id)}; split {esc(split)}: {esc(counted)}.</p>",
     ]
     if auc:
         rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>" for k, v in auc.items())

@@ -9,6 +9,15 @@ Conventions, used everywhere:
 - Volume and subject scores aggregate patch scores (``max`` by default: a volume is as anomalous
   as its worst patch); their label is 1 when any patch is annotated, 0 when all known labels are 0.
 
+Every metric is computed in DuckDB over the score table's Parquet files (``tables.connect``), so
+memory stays flat as the cohort grows: volume and subject scores are DuckDB aggregates, and each
+score's cases are counted per distinct score value (:class:`Ranking`), from which the exact AUC
+(rank sums with average ranks for ties, scikit-learn's value), the ROC curve (at most
+:data:`ROC_POINTS` of its points), the paper's counts at a threshold, the Youden / F1 cut and the
+healthy percentile (exact, numpy's linear interpolation) all follow. Only these small results
+come into Python; the functions on arrays (:func:`auc`, :func:`paper_table`,
+:func:`calibrate_threshold`) run the same code on an in-memory table.
+
 A threshold record (``threshold.json``) is stored in the model bundle folder, next to the weights
 it belongs to ("stored with the model run"): the bundle's ``model_id`` hashes only the config and
 weights, so adding it changes no id. It holds one threshold per level and score.
@@ -16,13 +25,15 @@ weights, so adding it changes no id. It holds one threshold per level and score.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import duckdb
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
+import pyarrow as pa
 
 from anogan_ray import storage, tables
 
@@ -38,6 +49,7 @@ SCORES = {
     "D": "discrimination_score",
     "PCA": "pca_score",
 }
+_NAMES = {column: name for name, column in SCORES.items()}
 LOWER_IS_ANOMALOUS = ("p_d",)
 METHODS = ("percentile", "youden", "f1")
 LEVELS = ("patch", "volume", "subject")
@@ -46,6 +58,9 @@ THRESHOLD_FILE = "threshold.json"
 # Lesion-size strata of the patch-level AUC: anomalous patches with at most 3 % / more than 5 %
 # annotated pixels (against all healthy patches). Half the phantom's anomalous patches are small.
 LESION_STRATA = {"auc_small": (0.0, 0.03), "auc_large": (0.05, 1.0)}
+# Most points of a returned ROC curve: every one is the exact (FPR, TPR) at a threshold; above
+# this many distinct scores the curve keeps one point per 1/1000 of FPR + TPR.
+ROC_POINTS = 2000
 
 
 class MetricsError(ValueError):
@@ -59,30 +74,197 @@ def oriented(values: np.ndarray, column: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Thresholds
+# One score's cases, counted per distinct value: the one place AUC, ROC and thresholds come from
 # ---------------------------------------------------------------------------------------------
 
+_tables = itertools.count()
 
-def _best_cut(scores: np.ndarray, labels: np.ndarray, method: str) -> tuple[float, float]:
-    """(threshold, criterion) maximizing Youden's J or F1 over cuts between distinct scores.
 
-    The cut below the lowest score (everything anomalous) is never a candidate.
+class Ranking:
+    """The cases of one score in DuckDB: per distinct finite score value, how many anomalous
+    (``pos``), healthy (``neg``) and unlabelled (``unknown``) cases have it, and how many have it
+    or a higher one (``tp``, ``fp``, ``at_or_above_healthy``).
+
+    Every metric of this module is a sum over these rows, so a table of 10^7 patches needs one
+    GROUP BY per score and the rows stay in DuckDB; only scalars and at most
+    :data:`ROC_POINTS` ROC points come into Python. Use it as a context manager: the temporary
+    table (as many rows as distinct scores) is dropped on exit.
+
+    Args:
+        con: a DuckDB connection.
+        source: the table or view of cases, with a ``label`` column (1 / 0 / other).
+        column: its score column (higher = more anomalous).
+        fraction: its annotated-share column, for :meth:`auc_by_lesion_size`, or None.
     """
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    tp, fp = np.cumsum(y), np.cumsum(1 - y)  # called anomalous: the top i + 1
-    positives, negatives = tp[-1], fp[-1]
-    cut = np.flatnonzero(s[:-1] > s[1:])  # last index of each run of equal scores, not the last
-    if cut.size == 0:
-        return math.nan, math.nan
-    tp, fp = tp[cut], fp[cut]
-    if method == "youden":
-        criterion = tp / positives - fp / negatives
-    else:
-        criterion = 2 * tp / (2 * tp + fp + (positives - tp))
-    best = int(np.argmax(criterion))  # first maximum: the highest threshold among ties
-    i = cut[best]
-    return float((s[i] + s[i + 1]) / 2), float(criterion[best])
+
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, source: str, column: str, fraction: str | None
+    ):
+        self.con = con
+        self.table = f"ranking_{next(_tables)}"
+        strata = "".join(
+            f', COUNT(*) FILTER (WHERE label = 1 AND "{fraction}" > {low} '
+            f'AND "{fraction}" <= {high}) AS "{name}"'
+            for name, (low, high) in (LESION_STRATA.items() if fraction else ())
+        )
+        con.execute(f"""
+            CREATE TEMP TABLE {self.table} AS
+            WITH counted AS (
+                SELECT "{column}" AS s,
+                       COUNT(*) FILTER (WHERE label = 1) AS pos,
+                       COUNT(*) FILTER (WHERE label = 0) AS neg,
+                       COUNT(*) FILTER (WHERE label IS DISTINCT FROM 1
+                                        AND label IS DISTINCT FROM 0) AS unknown{strata}
+                FROM {source}
+                WHERE isfinite("{column}")
+                GROUP BY 1
+            )
+            SELECT *,
+                   CAST(SUM(pos) OVER above AS BIGINT) AS tp,
+                   CAST(SUM(neg) OVER above AS BIGINT) AS fp,
+                   CAST(SUM(neg + unknown) OVER above AS BIGINT) AS at_or_above_healthy
+            FROM counted
+            WINDOW above AS (ORDER BY s DESC ROWS UNBOUNDED PRECEDING)
+        """)
+        sums = ", ".join(f'CAST(COALESCE(SUM("{n}"), 0) AS BIGINT)' for n in self._strata())
+        totals = con.execute(f"""
+            SELECT CAST(COALESCE(SUM(pos), 0) AS BIGINT), CAST(COALESCE(SUM(neg), 0) AS BIGINT),
+                   CAST(COALESCE(SUM(unknown), 0) AS BIGINT),
+                   COUNT(*) FILTER (WHERE pos + neg > 0){", " + sums if sums else ""}
+            FROM {self.table}
+        """).fetchone()
+        self.positives, self.negatives, self.unknown, self.labelled_values = totals[:4]
+        self.stratum_positives = dict(zip(self._strata(), totals[4:], strict=True))
+
+    def _strata(self) -> list[str]:
+        present = {row[0] for row in self.con.execute(f"DESCRIBE {self.table}").fetchall()}
+        return [name for name in LESION_STRATA if name in present]
+
+    def __enter__(self) -> Ranking:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.con.execute(f"DROP TABLE IF EXISTS {self.table}")
+
+    @property
+    def cases(self) -> int:
+        """Cases with a finite score, labelled or not."""
+        return self.positives + self.negatives + self.unknown
+
+    def auc(self, positives: str = "pos") -> float:
+        """ROC AUC: the Mann-Whitney U of the anomalous cases' ranks among the labelled ones,
+        ties counting one half (average ranks), which is what scikit-learn's ``roc_auc_score``
+        gives; NaN unless both classes are present. ``positives``: a lesion stratum's column
+        instead of all anomalous cases (every healthy case stays)."""
+        n_positive = self.positives if positives == "pos" else self.stratum_positives[positives]
+        if n_positive == 0 or self.negatives == 0:
+            return math.nan
+        # each anomalous case scores 1 per healthy case below it and 1/2 per tie; times two
+        (twice_u,) = self.con.execute(
+            f'SELECT SUM("{positives}" * (2 * ({self.negatives} - fp) + neg)) FROM {self.table}'
+        ).fetchone()
+        return int(twice_u) / (2 * n_positive * self.negatives)
+
+    def auc_by_lesion_size(self) -> dict[str, float]:
+        """:meth:`auc` with the anomalous cases restricted to each of :data:`LESION_STRATA`."""
+        return {name: self.auc(name) for name in self._strata()}
+
+    def counts_above(self, threshold: float) -> tuple[int, int]:
+        """(anomalous, healthy) cases whose score is strictly greater than ``threshold``."""
+        tp, fp = self.con.execute(
+            f"SELECT COALESCE(SUM(pos), 0), COALESCE(SUM(neg), 0) FROM {self.table} WHERE s > ?",
+            [float(threshold)],
+        ).fetchone()
+        return int(tp), int(fp)
+
+    def roc(self, max_points: int = ROC_POINTS) -> dict[str, list[float]]:
+        """The ROC curve from (0, 0) to (1, 1) as ``{"fpr", "tpr"}``, at most ``max_points``.
+
+        Each point is the exact (FPR, TPR) of calling the cases at or above one distinct score
+        anomalous. With more distinct labelled scores than ``max_points`` the curve keeps, for
+        each step of 1/1000-ish of FPR + TPR, the last point of that step, so no stretch of the
+        curve longer than that is left out and the end point is always kept.
+        """
+        if self.positives == 0 or self.negatives == 0:
+            return {"fpr": [], "tpr": []}
+        steps = max(1, max_points - 2)
+        if self.labelled_values <= max_points - 1:
+            sql = f"SELECT fp, tp FROM {self.table} WHERE pos + neg > 0 ORDER BY s DESC"
+        else:  # tp and fp grow as s falls: a step's maxima are its last point
+            sql = f"""
+                SELECT MAX(fp) AS fp, MAX(tp) AS tp FROM {self.table} WHERE pos + neg > 0
+                GROUP BY floor((fp / {self.negatives} + tp / {self.positives}) * {steps} / 2)
+                ORDER BY fp, tp
+            """
+        points = self.con.execute(sql).fetchall()
+        return {
+            "fpr": [0.0] + [fp / self.negatives for fp, _ in points],
+            "tpr": [0.0] + [tp / self.positives for _, tp in points],
+        }
+
+    def best_cut(self, method: str) -> tuple[float, float]:
+        """(threshold, criterion) maximizing Youden's J or F1 over cuts between distinct
+        labelled scores; the first maximum from the top (the highest threshold among ties).
+
+        The cut below the lowest score (everything anomalous) is never a candidate; (NaN, NaN)
+        when there is no cut.
+        """
+        if method == "youden":
+            criterion = (
+                f"CAST(tp AS DOUBLE) / {self.positives} - CAST(fp AS DOUBLE) / {self.negatives}"
+            )
+        else:
+            criterion = f"CAST(2 * tp AS DOUBLE) / (2 * tp + fp + ({self.positives} - tp))"
+        found = self.con.execute(f"""
+            WITH cuts AS (
+                SELECT s, tp, fp, LEAD(s) OVER (ORDER BY s DESC) AS below
+                FROM {self.table} WHERE pos + neg > 0
+            )
+            SELECT (s + below) / 2, {criterion} AS criterion FROM cuts WHERE below IS NOT NULL
+            ORDER BY criterion DESC, s DESC LIMIT 1
+        """).fetchone()
+        return (math.nan, math.nan) if found is None else (float(found[0]), float(found[1]))
+
+    def healthy_percentile(self, percentile: float) -> float:
+        """The ``percentile`` of the scores of cases not labelled anomalous, exactly as
+        ``np.percentile`` (linear interpolation) computes it on them."""
+        healthy = self.negatives + self.unknown
+        index = (healthy - 1) * (percentile / 100)
+        lower = math.floor(index)
+        upper = min(lower + 1, healthy - 1)
+        # ascending 0-based ranks held by value s: healthy - at_or_above .. + (neg + unknown) - 1
+        first = f"{healthy} - at_or_above_healthy"
+        a, b = self.con.execute(f"""
+            SELECT MAX(s) FILTER (WHERE {first} <= {lower} AND {lower} < {first} + neg + unknown),
+                   MAX(s) FILTER (WHERE {first} <= {upper} AND {upper} < {first} + neg + unknown)
+            FROM {self.table} WHERE neg + unknown > 0
+        """).fetchone()
+        gamma = index - lower
+        difference = b - a  # numpy's _lerp, so the value is bit-for-bit np.percentile's
+        return b - difference * (1 - gamma) if gamma >= 0.5 else a + difference * gamma
+
+
+def _ranking_of(
+    scores: Sequence[float] | np.ndarray,
+    labels: Sequence[int] | np.ndarray | None,
+    fraction: Sequence[float] | np.ndarray | None = None,
+) -> Ranking:
+    """A :class:`Ranking` of arrays (an in-memory DuckDB table)."""
+    values = np.asarray(scores, dtype=np.float64)
+    columns = {
+        "score": values,
+        "label": np.full(values.shape, -1) if labels is None else np.asarray(labels, np.int64),
+    }
+    if fraction is not None:
+        columns["fraction"] = np.asarray(fraction, dtype=np.float64)
+    con = duckdb.connect()
+    con.register("cases", pa.table(columns))
+    return Ranking(con, "cases", "score", "fraction" if fraction is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Thresholds
+# ---------------------------------------------------------------------------------------------
 
 
 def calibrate_threshold(
@@ -107,41 +289,40 @@ def calibrate_threshold(
         cases in validation, or J / F1 of zero) it falls back to the healthy percentile and says
         so in ``note``; it never returns a threshold that calls every validation case anomalous.
     """
+    with _ranking_of(scores, labels) as ranking:
+        return threshold_of(ranking, method, percentile)
+
+
+def threshold_of(ranking: Ranking, method: str, percentile: float) -> dict[str, Any]:
+    """:func:`calibrate_threshold` on a :class:`Ranking` (a score column of a table)."""
     if method not in METHODS:
         raise MetricsError(f"threshold method {method!r}: choose one of {', '.join(METHODS)}")
     if not 0 < percentile < 100:
         raise MetricsError(f"percentile {percentile!r}: must be in (0, 100)")
-    values = np.asarray(scores, dtype=np.float64)
-    known = np.full(values.shape, -1) if labels is None else np.asarray(labels, dtype=np.int64)
-    finite = np.isfinite(values)
-    values, known = values[finite], known[finite]
     record: dict[str, Any] = {
         "requested_method": method,
-        "n": int(values.size),
-        "n_anomalous": int((known == 1).sum()),
+        "n": ranking.cases,
+        "n_anomalous": ranking.positives,
         "note": "",
     }
     if method != "percentile":
-        labelled = known >= 0
-        s, y = values[labelled], known[labelled]
-        if y.size == 0 or y.min() == y.max():
+        if ranking.positives == 0 or ranking.negatives == 0:
             record["note"] = (
-                f"{method}: validation has {int((y == 1).sum())} anomalous and "
-                f"{int((y == 0).sum())} healthy labelled cases, both are needed; "
+                f"{method}: validation has {ranking.positives} anomalous and "
+                f"{ranking.negatives} healthy labelled cases, both are needed; "
                 f"fell back to the {percentile:g}th percentile of healthy scores"
             )
         else:
-            value, criterion = _best_cut(s, y, method)
+            value, criterion = ranking.best_cut(method)
             if math.isfinite(value) and criterion > 0:
                 return {**record, "value": value, "method": method, method: criterion}
             record["note"] = (
                 f"{method}: no cut separates the validation classes better than chance; "
                 f"fell back to the {percentile:g}th percentile of healthy scores"
             )
-    healthy = values[known != 1]
-    if healthy.size == 0:
+    if ranking.negatives + ranking.unknown == 0:
         raise MetricsError("cannot calibrate a threshold: no healthy validation scores")
-    value = float(np.percentile(healthy, percentile))
+    value = ranking.healthy_percentile(percentile)
     return {**record, "value": value, "method": "percentile", "percentile": float(percentile)}
 
 
@@ -178,16 +359,13 @@ def threshold_value(record: dict[str, Any], column: str = "anomaly_score", level
 
 
 def auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
-    """ROC AUC (scikit-learn's) of scores oriented higher = more anomalous: the one AUC function.
+    """ROC AUC (equal to scikit-learn's) of scores oriented higher = more anomalous: the one AUC
+    function (:meth:`Ranking.auc`).
 
     Cases with label -1 or a non-finite score are left out; NaN unless both classes remain.
     """
-    values = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
-    keep = (y >= 0) & np.isfinite(values)
-    if len(np.unique(y[keep])) < 2:
-        return math.nan
-    return float(roc_auc_score(y[keep], values[keep]))
+    with _ranking_of(scores, labels) as ranking:
+        return ranking.auc()
 
 
 def paper_table(
@@ -200,11 +378,18 @@ def paper_table(
     Scores are higher = more anomalous; cases with label -1 or a non-finite score are left out.
     Without a threshold only the AUC is filled. A ratio with a zero denominator is NaN.
     """
-    values = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
-    keep = (y >= 0) & np.isfinite(values)
-    values, y = values[keep], y[keep]
-    row: dict[str, float] = {"n": int(y.size), "n_anomalous": int(y.sum()), "auc": auc(values, y)}
+    with _ranking_of(scores, labels) as ranking:
+        return table_row(ranking, threshold)
+
+
+def table_row(ranking: Ranking, threshold: float | None = None) -> dict[str, float]:
+    """:func:`paper_table` on a :class:`Ranking` (a score column of a table)."""
+    positives, negatives = ranking.positives, ranking.negatives
+    row: dict[str, float] = {
+        "n": positives + negatives,
+        "n_anomalous": positives,
+        "auc": ranking.auc(),
+    }
 
     def ratio(a: int, b: int) -> float:
         return a / b if b else math.nan
@@ -213,16 +398,24 @@ def paper_table(
         row.update(precision=math.nan, recall=math.nan, sensitivity=math.nan)
         row.update(specificity=math.nan)
         return row
-    called = values > threshold
-    tp = int((called & (y == 1)).sum())
-    fp = int((called & (y == 0)).sum())
-    fn = int((~called & (y == 1)).sum())
-    tn = int((~called & (y == 0)).sum())
+    tp, fp = ranking.counts_above(threshold)
+    fn, tn = positives - tp, negatives - fp
     row.update(tp=tp, fp=fp, fn=fn, tn=tn, threshold=float(threshold))
     row["precision"] = ratio(tp, tp + fp)
     row["recall"] = row["sensitivity"] = ratio(tp, tp + fn)
     row["specificity"] = ratio(tn, tn + fp)
     return row
+
+
+def auc_by_lesion_size(
+    scores: np.ndarray, labels: np.ndarray, anomaly_fraction: Sequence[float] | np.ndarray
+) -> dict[str, float]:
+    """Patch AUC with the anomalous patches restricted to each of :data:`LESION_STRATA`.
+
+    Every healthy patch stays in each stratum; NaN where a stratum has no anomalous patch.
+    """
+    with _ranking_of(scores, labels, anomaly_fraction) as ranking:
+        return ranking.auc_by_lesion_size()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +426,8 @@ def paper_table(
 def read_scores(
     scores: str | Sequence[str], splits: Sequence[str] | None = None, key: str | dict | None = None
 ) -> pd.DataFrame:
-    """One scoring key's ids, labels and scores (no ``z``) as a DataFrame.
+    """One scoring key's ids, labels and scores (no ``z``) as a DataFrame: for small tables
+    (tests, notebooks); calibrate, evaluate, compare and report never load a table whole.
 
     Raises:
         TableError: the table holds several scoring keys and ``key`` does not pick one.
@@ -247,55 +441,109 @@ def read_scores(
     return frame.reset_index(drop=True)
 
 
-def key_text(frame: pd.DataFrame) -> str:
-    """The scoring key of a one-key frame from :func:`read_scores`, as text."""
-    row = frame.iloc[0]
-    return str(tables.ScoringKey(*(row[c] for c in tables.KEY_COLUMNS)))
+def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> list[str]:
+    return [row[0] for row in con.execute(f"DESCRIBE {relation}").fetchall()]
 
 
-def score_columns(frame: pd.DataFrame) -> list[str]:
-    """The score columns of ``frame`` that hold at least one finite value."""
-    return [
-        c
-        for c in SCORES.values()
-        if c in frame.columns and np.isfinite(frame[c].to_numpy(np.float64)).any()
-    ]
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
-def at_level(frame: pd.DataFrame, level: str = "patch", aggregate: str = "max") -> pd.DataFrame:
-    """Patch rows, or one row per volume / subject with aggregated (oriented) scores and labels.
+def score_columns(con: duckdb.DuckDBPyConnection, cases: str, where: str = "TRUE") -> list[str]:
+    """The score columns of the relation ``cases`` that hold at least one finite value among
+    the rows ``where`` keeps."""
+    present = [c for c in SCORES.values() if c in _columns(con, cases)]
+    if not present:
+        return []
+    counts = ", ".join(f'COUNT(*) FILTER (WHERE isfinite("{c}"))' for c in present)
+    found = con.execute(f"SELECT {counts} FROM {cases} WHERE {where}").fetchone()
+    return [c for c, n in zip(present, found, strict=True) if n > 0]
 
-    Scores in the result are oriented (higher = more anomalous), at every level. A volume's
-    (subject's) label is 1 when any of its patches is annotated or the manifest labels it 1
-    (``volume_label``), 0 when it is known and neither, -1 otherwise.
+
+def at_level(
+    con: duckdb.DuckDBPyConnection,
+    split: str,
+    level: str = "patch",
+    aggregate: str = "max",
+    rows: str = "scores",
+) -> str:
+    """The cases of ``split`` at ``level`` as a DuckDB relation; returns its name.
+
+    Patch level: a view of the patch rows. Volume / subject level: a temporary table with one
+    row per volume (subject), small enough to keep. Scores are oriented (higher = more
+    anomalous; NaN read as NULL), at every level. A volume's (subject's) score is the
+    ``aggregate`` of its patches' non-NaN scores; its label is 1 when any of its patches is
+    annotated or the manifest labels it 1 (``volume_label``), 0 when it is known and neither,
+    -1 otherwise.
+
+    Args:
+        con: a connection from :func:`anogan_ray.tables.connect`.
+        split: the split's rows.
+        level, aggregate: see :data:`LEVELS`, :data:`AGGREGATES`.
+        rows: the relation holding one scoring key's patch rows.
     """
     if level not in LEVELS:
         raise MetricsError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
     if aggregate not in AGGREGATES:
         raise MetricsError(f"aggregate {aggregate!r}: choose one of {', '.join(AGGREGATES)}")
-    columns = score_columns(frame)
-    out = frame.copy()
-    for c in columns:
-        out[c] = oriented(out[c].to_numpy(), c)
+    available = _columns(con, rows)
+    name = f"cases_{next(_tables)}"
+    oriented_columns = {
+        c: tables.sql_number(
+            f'1 - CAST("{c}" AS DOUBLE)' if c in LOWER_IS_ANOMALOUS else f'CAST("{c}" AS DOUBLE)'
+        )
+        for c in SCORES.values()
+        if c in available
+    }
+    where = f"split = {_literal(split)}"
     if level == "patch":
-        return out
-    keys = ["subject_id", "volume_id"] if level == "volume" else ["subject_id"]
+        fraction = ', "anomaly_fraction"' if "anomaly_fraction" in available else ""
+        scores = ", ".join(f'{sql} AS "{c}"' for c, sql in oriented_columns.items())
+        con.execute(
+            f"CREATE TEMP VIEW {name} AS SELECT patch_id, subject_id, volume_id, label{fraction}"
+            f"{', ' + scores if scores else ''} FROM {rows} WHERE {where}"
+        )
+        return name
+    keys = "subject_id, volume_id" if level == "volume" else "subject_id"
+    scores = "".join(
+        f', {aggregate.upper()}({sql}) AS "{c}"' for c, sql in oriented_columns.items()
+    )
+    volume_label = "volume_label" if "volume_label" in available else "-1"
     # a volume (subject) is anomalous when a patch is annotated or the manifest labels it 1
-    volume_label = out["volume_label"] if "volume_label" in out else pd.Series(-1, out.index)
-    volume_label = volume_label.fillna(-1)
-    out["_anomalous"] = ((out["label"] == 1) | (volume_label == 1)).astype(np.int64)
-    out["_known"] = ((out["label"] >= 0) | (volume_label >= 0)).astype(np.int64)
-    grouped = out.groupby(keys + ["split"], sort=True)
-    result = grouped[columns].agg(aggregate)
-    result["patches"] = grouped.size()
-    anomalous, known = grouped["_anomalous"].sum(), grouped["_known"].sum()
-    result["label"] = np.where(anomalous > 0, 1, np.where(known > 0, 0, -1))
-    return result.reset_index()
+    con.execute(f"""
+        CREATE TEMP TABLE {name} AS
+        SELECT {keys}, split{scores}, COUNT(*) AS patches,
+               CASE WHEN COUNT(*) FILTER (WHERE label = 1 OR {volume_label} = 1) > 0 THEN 1
+                    WHEN COUNT(*) FILTER (WHERE label >= 0 OR {volume_label} >= 0) > 0 THEN 0
+                    ELSE -1 END AS label
+        FROM {rows} WHERE {where}
+        GROUP BY {keys}, split ORDER BY {keys}
+    """)
+    return name
+
+
+def _label_counts(con: duckdb.DuckDBPyConnection, cases: str) -> tuple[int, int]:
+    """(anomalous, healthy) cases of a relation from :func:`at_level`."""
+    anomalous, healthy = con.execute(
+        f"SELECT COUNT(*) FILTER (WHERE label = 1), COUNT(*) FILTER (WHERE label = 0) FROM {cases}"
+    ).fetchone()
+    return int(anomalous), int(healthy)
 
 
 # ---------------------------------------------------------------------------------------------
 # Calibrate and evaluate
 # ---------------------------------------------------------------------------------------------
+
+
+def _thresholds(
+    con: duckdb.DuckDBPyConnection, cases: str, method: str, percentile: float
+) -> dict[str, dict[str, Any]]:
+    """A calibrated threshold record per score column of ``cases`` (see :func:`threshold_of`)."""
+    records = {}
+    for column in score_columns(con, cases):
+        with Ranking(con, cases, column, None) as ranking:
+            records[column] = threshold_of(ranking, method, percentile)
+    return records
 
 
 def calibrate(
@@ -320,22 +568,20 @@ def calibrate(
     Returns:
         The threshold record; ``record["threshold"]`` is the patch-level A threshold.
     """
-    frame = read_scores(scores, splits=[split], key=key)
-    if frame.empty:
+    con, chosen = tables.connect(scores, key or {})
+    (rows,) = con.execute(f"SELECT COUNT(*) FROM scores WHERE split = {_literal(split)}").fetchone()
+    if rows == 0:
         raise MetricsError(
             f"score table {scores}: no {split!r} rows to calibrate on; score that split "
             "(score.splits) or give a threshold number"
         )
-    levels: dict[str, dict[str, Any]] = {}
-    for level in LEVELS:
-        table = at_level(frame, level, aggregate)
-        levels[level] = {
-            column: calibrate_threshold(table[column], table["label"], method, percentile)
-            for column in score_columns(table)
-        }
+    levels = {
+        level: _thresholds(con, at_level(con, split, level, aggregate), method, percentile)
+        for level in LEVELS
+    }
     record = {
-        "model_id": str(frame["model_id"].iloc[0]),
-        "key": key_text(frame),
+        "model_id": chosen.model_id,
+        "key": str(chosen),
         "split": split,
         "method": method,
         "percentile": float(percentile),
@@ -374,28 +620,27 @@ def evaluate(
 
     Returns:
         ``{"level", "split", "model_id", "n", "n_anomalous", "threshold_source", "scores":
-        {short name: {"column", "auc", "precision", ..., "roc": {"fpr", "tpr"}}}}``.
+        {short name: {"column", "auc", "precision", ..., "roc": {"fpr", "tpr"}}}}``; each ROC
+        curve has at most :data:`ROC_POINTS` points, each exact (:meth:`Ranking.roc`).
     """
-    frame = read_scores(scores, key=key)
-    rows = frame[frame["split"] == split]
-    evaluated = at_level(rows, level, aggregate)
-    evaluated = evaluated[evaluated["label"] >= 0]
+    con, chosen = tables.connect(scores, key or {})
+    cases = at_level(con, split, level, aggregate)
+    anomalous, healthy = _label_counts(con, cases)
     note = None
-    if level == "patch" and evaluated["label"].nunique() < 2:
-        by_volume = at_level(rows, "volume", aggregate)
-        by_volume = by_volume[by_volume["label"] >= 0]
-        if by_volume["label"].nunique() == 2:  # labels per image / volume only (no masks)
-            level, evaluated = "volume", by_volume
+    if level == "patch" and not (anomalous and healthy):
+        by_volume = at_level(con, split, "volume", aggregate)
+        if all(_label_counts(con, by_volume)):  # labels per image / volume only (no masks)
+            level, cases = "volume", by_volume
+            anomalous, healthy = _label_counts(con, cases)
             note = (
                 f"the patches of split {split!r} carry no healthy-and-anomalous labels but its "
                 f"volumes do (manifest labels without masks): evaluated per volume, the volume "
                 f"score being the {aggregate} of its patch scores"
             )
-    if evaluated.empty or evaluated["label"].nunique() < 2:
+    if not (anomalous and healthy):
         raise MetricsError(
             f"score table {scores}: split {split!r} at {level} level needs labelled healthy and "
-            f"anomalous cases; it has {int((evaluated['label'] == 1).sum())} anomalous and "
-            f"{int((evaluated['label'] == 0).sum())} healthy"
+            f"anomalous cases; it has {anomalous} anomalous and {healthy} healthy"
         )
     thresholds: dict[str, float] = {}
     if isinstance(threshold, (int, float)):
@@ -411,37 +656,36 @@ def evaluate(
             threshold if threshold.endswith(".json") else storage.join(threshold, THRESHOLD_FILE)
         )
     else:
-        calibration = frame[frame["split"] == calibration_split]
-        if calibration.empty:
+        calibration = at_level(con, calibration_split, level, aggregate)
+        (rows,) = con.execute(f"SELECT COUNT(*) FROM {calibration}").fetchone()
+        if rows == 0:
             source = f"none: no {calibration_split!r} rows to calibrate on"
         else:
-            table = at_level(calibration, level, aggregate)
-            for column in score_columns(table):
-                entry = calibrate_threshold(table[column], table["label"], method, percentile)
-                thresholds[column] = entry["value"]
+            records = _thresholds(con, calibration, method, percentile)
+            thresholds = {column: entry["value"] for column, entry in records.items()}
             source = f"calibrated now on {calibration_split!r} ({method}), not stored"
+    fraction = "anomaly_fraction" if level == "patch" else None
+    if fraction not in _columns(con, cases):
+        fraction = None
+    present = score_columns(con, cases, "label >= 0")
     results: dict[str, Any] = {}
     for name, column in SCORES.items():
-        if column not in score_columns(evaluated):
+        if column not in present:
             continue
-        values = evaluated[column].to_numpy(np.float64)
-        labels = evaluated["label"].to_numpy(np.int64)
-        row = paper_table(values, labels, thresholds.get(column))
-        finite = np.isfinite(values)
-        fpr, tpr, _ = roc_curve(labels[finite], values[finite])
-        row["column"] = column
-        row["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-        if level == "patch" and "anomaly_fraction" in evaluated.columns:
-            row.update(auc_by_lesion_size(values, labels, evaluated["anomaly_fraction"]))
+        with Ranking(con, cases, column, fraction) as ranking:
+            row = table_row(ranking, thresholds.get(column))
+            row["column"] = column
+            row["roc"] = ranking.roc()
+            row.update(ranking.auc_by_lesion_size())
         results[name] = row
     return {
         "level": level,
         "split": split,
         "aggregate": aggregate if level != "patch" else None,
-        "model_id": str(frame["model_id"].iloc[0]),
-        "key": key_text(frame),
-        "n": int(len(evaluated)),
-        "n_anomalous": int((evaluated["label"] == 1).sum()),
+        "model_id": chosen.model_id,
+        "key": str(chosen),
+        "n": anomalous + healthy,
+        "n_anomalous": anomalous,
         "threshold_source": source,
         "note": note,
         "orientation": "higher is anomalous; P_D is evaluated as 1 - p_d",
@@ -457,14 +701,20 @@ def compare(
 
     This is where a table holding several mappings or settings is read as a whole, on purpose.
     """
+    con, _ = tables.connect(scores)
     rows = []
     for key in tables.scoring_keys(tables.open_dataset(scores)):
-        frame = at_level(read_scores(scores, splits=[split], key=key.row()), level, aggregate)
-        labels = frame["label"].to_numpy(np.int64)
-        row: dict[str, Any] = {"key": str(key), **key.row(), "n": int((labels >= 0).sum())}
-        for name, column in SCORES.items():
-            if column in score_columns(frame):
-                row[name] = auc(frame[column].to_numpy(np.float64), labels)
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW key_rows AS "
+            f"SELECT * FROM scores WHERE {tables.key_condition(key)}"
+        )
+        cases = at_level(con, split, level, aggregate, rows="key_rows")
+        anomalous, healthy = _label_counts(con, cases)
+        (labelled,) = con.execute(f"SELECT COUNT(*) FROM {cases} WHERE label >= 0").fetchone()
+        row: dict[str, Any] = {"key": str(key), **key.row(), "n": int(labelled)}
+        for column in score_columns(con, cases):
+            with Ranking(con, cases, column, None) as ranking:
+                row[_NAMES[column]] = ranking.auc()
         rows.append(row)
     return rows
 
@@ -481,21 +731,6 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
         line += "".join(f"{row.get(name, math.nan):>8.4f}" for name in names)
         lines.append(line)
     return "\n".join(lines)
-
-
-def auc_by_lesion_size(
-    scores: np.ndarray, labels: np.ndarray, anomaly_fraction: Sequence[float] | np.ndarray
-) -> dict[str, float]:
-    """Patch AUC with the anomalous patches restricted to each of :data:`LESION_STRATA`.
-
-    Every healthy patch stays in each stratum; NaN where a stratum has no anomalous patch.
-    """
-    fraction = np.asarray(anomaly_fraction, dtype=np.float64)
-    result = {}
-    for name, (low, high) in LESION_STRATA.items():
-        keep = (labels == 0) | ((labels == 1) & (fraction > low) & (fraction <= high))
-        result[name] = paper_table(scores[keep], labels[keep])["auc"]
-    return result
 
 
 def format_paper_table(result: dict[str, Any]) -> str:
