@@ -253,14 +253,6 @@ def _committed_dataset(url: str) -> ds.Dataset | None:
     return ds.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
 
 
-def read_committed(url: str, columns: Sequence[str], where: ds.Expression | None) -> pa.Table:
-    """Rows of a table the score stage commits to (empty, string-typed, when there is none yet)."""
-    dataset = _committed_dataset(url)
-    if dataset is None:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return dataset.to_table(columns=list(columns), filter=where)
-
-
 def count_committed(url: str, where: ds.Expression | None) -> int:
     """The number of rows of a committed table that ``where`` keeps, without reading them whole."""
     dataset = _committed_dataset(url)

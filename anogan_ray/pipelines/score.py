@@ -53,7 +53,7 @@ import ray
 import ray.util.scheduling_strategies
 import torch
 
-from anogan_ray import storage
+from anogan_ray import storage, tables
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
 from anogan_ray.core.invert import SCORE_COLUMNS, check_precision, encode, score_patches
@@ -72,7 +72,6 @@ from anogan_ray.tables import (
     count_patches,
     decode_pixels,
     id_keys,
-    read_committed,
     read_patch_table,
 )
 
@@ -451,20 +450,22 @@ def _aucs(out: str, key: ScoringKey) -> dict[str, float | None]:
     """Patch-level ROC AUC of each score over rows labelled 0 or 1 (None: one class only).
 
     Scores the run did not compute (all NaN: GAN_R when off, baselines the bundle lacks) are left
-    out; p_d enters as 1 - p_d (low = anomalous).
+    out; p_d enters as 1 - p_d (low = anomalous). Counted in DuckDB over the committed files
+    (:class:`~anogan_ray.core.metrics.Ranking`): nothing of the table's size comes into memory.
     """
-    columns = [c for c in metrics.SCORES.values() if c in SCORE_COLUMNS]
-    table = read_committed(storage.join(out, "scores"), ["label", *columns], key.expression())
-    if table.num_rows == 0:
+    if not storage.list_files(storage.join(out, "scores"), ".parquet"):
         return {}
-    label = table["label"].to_numpy(zero_copy_only=False).astype(int)
+    con, _ = tables.connect(storage.join(out, "scores"), key.row())
     result: dict[str, float | None] = {}
-    for name in columns:
-        values = table[name].to_numpy(zero_copy_only=False).astype(float)
-        if not np.isfinite(values).any():  # a score this run did not compute (GAN_R, baselines)
-            continue
-        value = metrics.auc(metrics.oriented(values, name), label)
-        result[name] = None if np.isnan(value) else value
+    for column in metrics.score_columns(con, "scores"):
+        value = f'1 - "{column}"' if column in metrics.LOWER_IS_ANOMALOUS else f'"{column}"'
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW labelled AS "
+            f'SELECT label, CAST({value} AS DOUBLE) AS "{column}" FROM scores'
+        )
+        with metrics.Ranking(con, "labelled", column, None) as ranking:
+            auc = ranking.auc()
+        result[column] = None if np.isnan(auc) else auc
     return result
 
 
