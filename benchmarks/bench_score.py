@@ -8,6 +8,9 @@
    local Ray) with a ``tiny`` model and Γ = 1: time per patch, and the peak RSS (sampled every
    0.5 s) of the driver, of the largest Ray worker, of all workers and of the whole process tree
    (driver, Ray services, workers); the score table is checked with DuckDB (every patch once).
+   CPU: the CPU seconds of the job's whole process tree per patch, against those of
+   :func:`score_patches` alone in-process on the same patches; the difference is the pipeline's
+   overhead per patch (Ray, reading, validation, writing, commit).
 3. Resume: the largest size is scored again by a job killed once its staged files hold
    ``--kill-at`` of the patches, then resumed; the table is checked the same way.
 """
@@ -33,7 +36,7 @@ import torch
 from anogan_ray.config import ScoreConfig, load_config
 from anogan_ray.core.invert import score_patches
 from anogan_ray.core.model import build_models, save_bundle
-from anogan_ray.tables import decode_pixels, patch_id
+from anogan_ray.tables import decode_pixels, patch_id, pixels_from_column
 
 
 def write_table(folder: str, n: int, rows_per_file: int = 50_000) -> None:
@@ -63,13 +66,16 @@ def write_table(folder: str, n: int, rows_per_file: int = 50_000) -> None:
         pq.write_table(table, f"{folder}/split=test/part-{start // rows_per_file:05d}.parquet")
 
 
-def _memory(root: psutil.Process) -> dict[str, int]:
-    """RSS now of the job's driver, its largest Ray worker, all workers, and the whole tree."""
+def _memory(root: psutil.Process, cpu: dict[int, float]) -> dict[str, int]:
+    """RSS now of the job's driver, its largest Ray worker, all workers, and the whole tree;
+    records each process's CPU seconds so far in ``cpu`` (pid -> user + system)."""
     driver = workers = largest = total = 0
     for process in [root, *root.children(recursive=True)]:
         try:
             rss = process.memory_info().rss
             name = " ".join(process.cmdline()[:1])
+            times = process.cpu_times()
+            cpu[process.pid] = times.user + times.system
         except psutil.Error:
             continue
         total += rss
@@ -111,8 +117,9 @@ def run_job(
     )
     root = psutil.Process(job.pid)
     peak = {"driver": 0, "largest_worker": 0, "workers": 0, "tree": 0}
+    cpu: dict[int, float] = {}
     while job.poll() is None:
-        now = _memory(root)
+        now = _memory(root, cpu)
         peak = {name: max(peak[name], now[name]) for name in peak}
         if kill_after_rows is not None:
             staged = [
@@ -136,7 +143,30 @@ def run_job(
         summary = json.load(f)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     summary["peak_rss_gib"] = {name: round(value / 2**30, 3) for name, value in peak.items()}
+    summary["cpu_seconds"] = round(sum(cpu.values()), 2)  # the tree's, up to the last sample
     return summary
+
+
+def core_cpu_ms_per_patch(model_cfg, n: int, steps: int, batch_size: int) -> float:
+    """CPU milliseconds per patch of :func:`score_patches` alone (in-process, 2 threads) on the
+    growth runs' patches and settings: what the job would cost without Ray, reading or writing."""
+    folder = tempfile.mkdtemp(prefix="bench_core_")
+    try:
+        write_table(folder, n)
+        table = pq.read_table(f"{folder}/split=test")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    pixels = pixels_from_column(table["pixels"])
+    ids = table["patch_id"].to_pylist()
+    models = build_models(model_cfg, seed=0)
+    for module in models:
+        module.eval().requires_grad_(False)
+    torch.set_num_threads(2)
+    started = time.process_time()
+    for i in range(0, n, batch_size):
+        batch = torch.from_numpy(decode_pixels(pixels[i : i + batch_size]))[:, None]
+        score_patches(models, batch, ids[i : i + batch_size], steps=steps, z_lr=0.05)
+    return 1e3 * (time.process_time() - started) / n
 
 
 def exactly_once(out: str, n: int) -> dict:
@@ -198,6 +228,9 @@ def main() -> None:
         "--kill-at", type=float, default=0.5, help="kill the largest run at this share, resume"
     )
     parser.add_argument("--skip-share", action="store_true", help="growth only")
+    parser.add_argument(
+        "--core-patches", type=int, default=8192, help="patches of the in-process CPU reference"
+    )
     parser.add_argument("--out", default="bench_score.json")
     args = parser.parse_args()
 
@@ -230,6 +263,7 @@ def main() -> None:
                 "wall_seconds": summary["wall_seconds"],
                 "ms_per_patch": round(1e3 * summary["wall_seconds"] / n, 4),
                 "patches_per_s": summary["patches_per_s"],
+                "cpu_ms_per_patch": round(1e3 * summary["cpu_seconds"] / n, 4),
                 "peak_rss_gib": summary["peak_rss_gib"],
                 "table": exactly_once(f"{work}/out_{n}", n),
             }
@@ -250,7 +284,17 @@ def main() -> None:
             growth.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(patches, ignore_errors=True)
+        core = core_cpu_ms_per_patch(tiny, args.core_patches, args.growth_steps, 256)
+        result["core_cpu_ms_per_patch"] = round(core, 4)
+        for row in growth:  # CPU spent outside score_patches: Ray, reading, validation, writing
+            row["overhead_cpu_ms_per_patch"] = round(row["cpu_ms_per_patch"] - core, 4)
         first, last = growth[0], growth[-1]
+        # the CPU one more patch costs beyond the core, start-up excluded (largest vs smallest)
+        marginal = (
+            last["cpu_ms_per_patch"] * last["patches"]
+            - first["cpu_ms_per_patch"] * first["patches"]
+        ) / (last["patches"] - first["patches"])
+        result["marginal_overhead_cpu_ms_per_patch"] = round(marginal - core, 4)
         result["growth_ratios"] = {
             "patches": last["patches"] / first["patches"],
             "ms_per_patch": round(last["ms_per_patch"] / first["ms_per_patch"], 3),
