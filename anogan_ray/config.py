@@ -146,6 +146,8 @@ class ScoreConfig:
     precision: str = _choices("fp32", "tf32", "bf16", default="fp32")  # arithmetic of the Γ
     # mapping steps: true fp32, TF32 (CUDA) or bfloat16 autocast; scores at z_Γ always in fp32;
     # a fast one is checked against fp32 on the first batch and switched off beyond tolerance
+    compile: bool = False  # torch.compile the mapping step (CUDA graphs on GPUs): compiling costs
+    # tens of seconds per actor, repaid over many batches; eager if it fails, checked like precision
     rows_per_file: int = _at_least(1, 10_000)  # score-table rows per file; also what a kill loses
 
 
