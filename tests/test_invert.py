@@ -20,8 +20,10 @@ from anogan_ray.core.invert import (
     initial_latent,
     invert_batch,
     invert_modes,
+    mapping_rows,
     reference_discrimination_loss,
     residual_loss,
+    rows_for_memory,
     score_patches,
 )
 from anogan_ray.core.model import load_bundle
@@ -223,3 +225,32 @@ def test_failed_compilation_maps_eagerly_with_a_warning(
     assert "mapping eagerly" in caplog.text
     eager = invert_batch(bundle, pixels[:4], ids[:4], **common)
     np.testing.assert_array_equal(fallback.anomaly_score, eager.anomaly_score)
+
+
+def test_rows_on_a_gpu_follow_its_memory_in_powers_of_two():
+    """The CUDA mapping's fixed rows: the largest power of two whose activations fit in a quarter
+    of the GPU's memory, at least 16 and at most 1024; the CPU's stay 16."""
+    gib, mib = 2**30, 2**20
+    assert rows_for_memory(80 * gib, 4 * mib) == 1024  # an H100: capped
+    assert rows_for_memory(16 * gib, 8 * mib) == 512  # 4 GiB / 8 MiB = 512
+    assert rows_for_memory(16 * gib, 9 * mib) == 256  # 455 rows fit: rounded down
+    assert rows_for_memory(1 * gib, 64 * mib) == 16  # 4 fit: never fewer than 16
+    assert rows_for_memory(24 * gib, 0) == 1024
+    assert mapping_rows(torch.device("cpu")) == 16
+
+
+def test_channels_last_models_score_alike_and_stay_batch_invariant(tiny_bundle, batch):
+    """G and D in channels_last memory format (score.channels_last) give the same scores up to
+    rounding (oneDNN picks other kernels), still bit-identical whatever batch a patch is in."""
+    pixels, ids = batch
+    common = dict(lambda_=0.1, steps=20, z_lr=0.05)
+    model = load_bundle(tiny_bundle)
+    contiguous = score_patches(model, pixels, ids, **common)
+    for module in (model.generator, model.discriminator):
+        module.to(memory_format=torch.channels_last)
+    together = score_patches(model, pixels, ids, **common)
+    alone = score_patches(model, pixels[5:6], ids[5:6], **common)
+    assert alone["anomaly_score"][0] == together["anomaly_score"][5]
+    np.testing.assert_allclose(
+        together["anomaly_score"], contiguous["anomaly_score"], rtol=MODES_TOGETHER_RTOL
+    )

@@ -27,9 +27,12 @@ therefore always runs in batches of exactly :func:`mapping_rows` rows (16 on CPU
 as ⌈B / rows⌉ fixed-shape batches, the last one padded with copies of its first patch, and p_d
 is computed in the same shape.
 
-The guarantee: with the same torch build, CPU capability and thread count, a patch's scores are
-bit-identical whatever batch it is scored in, at whatever position, next to whichever patches
-(tests/test_invert.py). Between machines, capabilities or thread counts they differ by rounding
+On CUDA the rows follow the GPU's total memory and the model (:func:`mapping_rows`), so they are
+fixed per GPU type and model. The fast paths (``precision``, ``compile``) keep the fixed shapes.
+
+The guarantee: with the same torch build, CPU capability and thread count (on CUDA: the same
+GPU type), and the same fast paths, a patch's scores are bit-identical whatever batch it is
+scored in, at whatever position, next to whichever patches (tests/test_invert.py). Between machines, capabilities or thread counts they differ by rounding
 amplified over the Γ steps: on the test model (20 steps) up to 7e-5 relative between
 ATEN_CPU_CAPABILITY=default and avx2 / avx512, and between 2 and 3 threads (avx2 and avx512 agree
 to the bit). Compare scores from different machines with a tolerance, not for equality.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -132,14 +136,69 @@ def initial_latent(
     return torch.cat(rows).to(device)  # (B, nz)
 
 
-def mapping_rows(device: torch.device) -> int:
+# On CUDA: the share of the GPU's memory one mode's fixed-shape batch may fill with activations
+# (GAN_R's mapping doubles it), and the most rows a batch gets.
+CUDA_MEMORY_SHARE = 0.25
+CUDA_MAX_ROWS = 1024
+_CUDA_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # G -> {(device, D): rows}
+
+
+def mapping_rows(
+    device: torch.device, models: tuple[Generator, Discriminator] | None = None
+) -> int:
     """The fixed number of rows every batch of the mapping runs with on ``device``.
 
     16 on CPU: the patch-steps/s of the tiny and demo models are within ~10% from 8 to 64 rows
-    per batch there, and few rows waste little on padding; 256 on GPUs, whose kernels need wide
-    batches. Changing it changes the scores in their last bits.
+    per batch there, and few rows waste little on padding. On CUDA, with the ``models``, as many
+    as the GPU's memory holds (:func:`rows_for_memory` of its total memory and the bytes one row
+    of the mapping step measurably takes), found once per process, device and model; the total
+    memory, not the free, so that every run on the same GPU type gets the same rows. Without the
+    models (E(x), p_d, the baselines: :func:`in_fixed_rows`) 256. Changing it changes the scores
+    in their last bits.
     """
-    return 16 if device.type == "cpu" else 256
+    if device.type != "cuda":
+        return 16
+    if models is None:
+        return 256
+    generator, discriminator = models
+    known = _CUDA_ROWS.setdefault(generator, {})
+    key = (str(device), id(discriminator))
+    if key not in known:
+        total = torch.cuda.mem_get_info(device)[1]
+        known[key] = rows_for_memory(total, _cuda_bytes_per_row(generator, discriminator))
+        log.info("mapping %d rows per batch on %s", known[key], device)
+    return known[key]
+
+
+def rows_for_memory(
+    memory_bytes: int, bytes_per_row: int, share: float = CUDA_MEMORY_SHARE,
+    max_rows: int = CUDA_MAX_ROWS, min_rows: int = 16,
+) -> int:  # fmt: skip
+    """The largest power of two of rows whose ``bytes_per_row`` fit in ``share`` of
+    ``memory_bytes``, within [``min_rows``, ``max_rows``]."""
+    fitting = int(memory_bytes * share) // max(bytes_per_row, 1)
+    rows = 1 << (max(fitting, 1).bit_length() - 1)  # round down to a power of two
+    return max(min_rows, min(max_rows, rows))
+
+
+def _cuda_bytes_per_row(generator: Generator, discriminator: Discriminator, probe: int = 16) -> int:
+    """Peak CUDA memory of one fp32 mapping step (forward and backward) per row, measured on
+    ``probe`` rows."""
+    device = _device_of(generator)
+    z = torch.zeros(probe, generator.latent_dim, device=device, requires_grad=True)
+    x = torch.zeros(probe, 1, 64, 64, device=device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.enable_grad():
+        features_x = discriminator.features(x).detach()
+        loss = _mapping_loss(
+            generator, discriminator, z, x, features_x,
+            lambda_=0.5, modes=("feature",), precision="fp32",
+        )  # fmt: skip
+        loss.sum().backward()
+    torch.cuda.synchronize(device)
+    return -(-(torch.cuda.max_memory_allocated(device) - before) // probe)  # ceil
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -214,6 +273,7 @@ def invert_modes(
     precision: str = "fp32",
     initial_z: torch.Tensor | None = None,
     compile: bool = False,
+    rows: int | None = None,
 ) -> dict[Mode, InversionResult]:
     """Map a batch of patches to the latent space once per discrimination loss, in one mapping.
 
@@ -243,6 +303,8 @@ def invert_modes(
         compile: run the Γ steps' forward and backward passes through ``torch.compile``
             (:func:`compiled_mapping_loss`; eager if compilation fails). The scores at z_Γ are
             computed eagerly.
+        rows: patches per fixed-shape batch; by default :func:`mapping_rows`, the only value
+            whose scores the guarantee covers (another changes them in their last bits).
 
     Returns:
         ``{mode: InversionResult}`` of numpy arrays on the CPU.
@@ -269,7 +331,7 @@ def invert_modes(
         z0 = initial_latent(patch_ids, generator, latent_prior, device)  # (B, nz)
     else:
         z0 = initial_z.detach().to(device=device, dtype=torch.float32)  # (B, nz)
-    rows = mapping_rows(device)
+    rows = rows or mapping_rows(device, (generator, discriminator))
     common = dict(lambda_=lambda_, z_lr=z_lr, modes=modes, precision=precision, compile=compile)
     parts = []
     for start in range(0, len(patch_ids), rows):
@@ -365,6 +427,8 @@ def compiled_mapping_loss(device: torch.device) -> Any:
             if _COMPILED[kind] is _mapping_loss:
                 return _mapping_loss(*args, **kwargs)
             try:
+                if kind == "cuda":  # a new step: the last step's graph outputs are consumed
+                    torch.compiler.cudagraph_mark_step_begin()
                 return compiled(*args, **kwargs)
             except Exception as err:  # compiling failed: the eager function from now on
                 log.warning("torch.compile of the mapping step failed, mapping eagerly: %s", err)

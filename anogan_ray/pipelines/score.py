@@ -49,7 +49,13 @@ import torch
 from anogan_ray import storage
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
-from anogan_ray.core.invert import SCORE_COLUMNS, check_fast_path, encode, score_patches
+from anogan_ray.core.invert import (
+    SCORE_COLUMNS,
+    check_fast_path,
+    encode,
+    mapping_rows,
+    score_patches,
+)
 from anogan_ray.core.model import ENCODER_FILE, load_bundle
 from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.progress import logged_progress
@@ -146,6 +152,16 @@ class PatchScorer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.device = torch.device(device)
         self.bundle = load_bundle(model, device=self.device)
+        models = (self.bundle.generator, self.bundle.discriminator)
+        if cfg.channels_last:
+            for module in models:
+                module.to(memory_format=torch.channels_last)
+        rows = mapping_rows(self.device, models)
+        if cfg.batch_size % rows:
+            log.warning(
+                "score.batch_size %d is not a multiple of the mapping's %d rows on %s: each "
+                "batch is padded to a multiple of them", cfg.batch_size, rows, device,
+            )  # fmt: skip
         self.cfg = cfg
         self.progress = progress
         self.precision = cfg.precision
@@ -528,6 +544,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "batch_size": cfg.batch_size,
         "precision": cfg.precision,
         "compile": cfg.compile,
+        "channels_last": cfg.channels_last,
         "patches_scored": committed["scored"],
         "patches_rejected": committed["rejected"],
         "patches_recovered_from_earlier_run": recovered["scored"] + recovered["rejected"],
