@@ -161,12 +161,13 @@ def mapping_rows(
     if models is None:
         return 256
     generator, discriminator = models
+    gpu = _device_of(generator)  # "cuda:0" where ``device`` may say "cuda"
     known = _CUDA_ROWS.setdefault(generator, {})
-    key = (str(device), id(discriminator))
+    key = (str(gpu), id(discriminator))
     if key not in known:
-        total = torch.cuda.mem_get_info(device)[1]
+        total = torch.cuda.mem_get_info(gpu)[1]
         known[key] = rows_for_memory(total, _cuda_bytes_per_row(generator, discriminator))
-        log.info("mapping %d rows per batch on %s", known[key], device)
+        log.info("mapping %d rows per batch on %s", known[key], gpu)
     return known[key]
 
 
