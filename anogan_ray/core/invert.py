@@ -28,14 +28,15 @@ as ⌈B / rows⌉ fixed-shape batches, the last one padded with copies of its fi
 is computed in the same shape.
 
 On CUDA the rows follow the GPU's total memory and the model (:func:`mapping_rows`), so they are
-fixed per GPU type and model. The fast paths (``precision``, ``compile``) keep the fixed shapes.
+fixed per GPU type and model. The fast paths (``precision``, ``compile``, channels_last weights)
+keep the fixed shapes.
 
-The guarantee: with the same torch build, CPU capability and thread count (on CUDA: the same
-GPU type), and the same fast paths, a patch's scores are bit-identical whatever batch it is
-scored in, at whatever position, next to whichever patches (tests/test_invert.py). Between machines, capabilities or thread counts they differ by rounding
-amplified over the Γ steps: on the test model (20 steps) up to 7e-5 relative between
-ATEN_CPU_CAPABILITY=default and avx2 / avx512, and between 2 and 3 threads (avx2 and avx512 agree
-to the bit). Compare scores from different machines with a tolerance, not for equality.
+The guarantee: with the same torch build, CPU capability and thread count (on CUDA: the same GPU
+type) and the same fast paths, a patch's scores are bit-identical whatever batch it is scored
+in, at whatever position, next to whichever patches (tests/test_invert.py). Between machines,
+capabilities or thread counts they differ by rounding amplified over the Γ steps: on the test
+model (20 steps) up to 7e-5 relative between ATEN_CPU_CAPABILITY=default and avx2 / avx512, and
+between 2 and 3 threads (avx2 and avx512 agree to the bit). Compare scores from different machines with a tolerance, not for equality.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def mapping_rows(
     """The fixed number of rows every batch of the mapping runs with on ``device``.
 
     16 on CPU: the patch-steps/s of the tiny and demo models are within ~10% from 8 to 64 rows
-    per batch there, and few rows waste little on padding. On CUDA, with the ``models``, as many
+    per batch there, the paper model's from 16 to 64 (128: 20 % fewer; bench_invert.py), and few
+    rows waste little on padding. On CUDA, with the ``models``, as many
     as the GPU's memory holds (:func:`rows_for_memory` of its total memory and the bytes one row
     of the mapping step measurably takes), found once per process, device and model; the total
     memory, not the free, so that every run on the same GPU type gets the same rows. Without the
