@@ -136,7 +136,8 @@ class ScoreConfig:
         "iterative", "encoder", "encoder+iterative", default="iterative"
     )  # z_1 from the patch id's seed (the paper) or E(x) (f-AnoGAN), then Γ steps
     z_lr: float = _positive(0.01)  # Adam learning rate of z (the paper does not give one)
-    batch_size: int = _at_least(1, 64)  # patches per scoring call (scores do not depend on it)
+    batch_size: int = _at_least(1, 64)  # patches per scoring call (scores do not depend on it;
+    # on CUDA a multiple of the mapping's rows, which the actors log, wastes nothing on padding)
     num_actors: int = _at_least(0, 0)  # scoring actors (0: one per GPU, or per 2 CPUs)
     reference_score: bool = False  # also run the GAN_R mapping (Yeh et al. discrimination loss)
     save_z: bool = False  # keep the final z in the score table
@@ -149,6 +150,10 @@ class ScoreConfig:
     precision: str = _choices("fp32", "tf32", "bf16", default="fp32")  # arithmetic of the Γ
     # mapping steps: true fp32, TF32 (CUDA) or bfloat16 autocast; scores at z_Γ always in fp32;
     # a fast one is checked against fp32 on the first batch and switched off beyond tolerance
+    compile: bool = False  # torch.compile the mapping step (CUDA graphs on GPUs): compiling costs
+    # tens of seconds per actor, repaid over many batches; eager if it fails, checked like precision
+    channels_last: bool = False  # G and D in channels_last memory format: on a 2-core CPU 7 %
+    # (paper) to 13 % (demo) more patches/s; not yet measured on a GPU (benchmarks/bench_gpu.py)
     rows_per_file: int = _at_least(1, 10_000)  # score-table rows per file; also what a kill loses
 
 

@@ -10,15 +10,20 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from anogan_ray.core import invert
 from anogan_ray.core.invert import (
+    COMPILE_RTOL,
     PRECISION_RTOL,
     SCORE_COLUMNS,
-    check_precision,
+    check_fast_path,
     discrimination_loss,
     initial_latent,
     invert_batch,
+    invert_modes,
+    mapping_rows,
     reference_discrimination_loss,
     residual_loss,
+    rows_for_memory,
     score_patches,
 )
 from anogan_ray.core.model import load_bundle
@@ -47,10 +52,18 @@ def batch(synthetic_patches):
     return torch.from_numpy(images)[:, None], [f"vol/b0000/y0000x{i:04d}" for i in range(32)]
 
 
+# Largest relative difference between the scores of the feature and GAN_R mappings run as one
+# mapping of 2R rows and run separately in R rows: the kernels see other shapes. Measured 0 (to
+# the bit) on an AVX-512 EPYC for the tiny, demo and paper models; 1 vs 32 rows differed by up to
+# 2.9e-4 on a Xeon with AMX, hence the margin.
+MODES_TOGETHER_RTOL = 1e-3
+
+
 def test_a_patch_scores_bit_identically_in_any_batch_position_and_company(bundle, batch):
     pixels, ids = batch
     settings = dict(lambda_=0.1, steps=20, z_lr=0.05, reference_score=True)
     together = score_patches(bundle, pixels, ids, **settings)
+    assert np.isfinite(together["ref_anomaly_score"]).all()  # GAN_R mapped with the feature one
     # alone, and in batches of other sizes (each padded to the mapping's fixed shape)
     bounds = [0, 1, 6, 13, 31, 32]
     parts = [score_patches(bundle, pixels[a:b], ids[a:b], **settings) for a, b in pairwise(bounds)]
@@ -62,6 +75,24 @@ def test_a_patch_scores_bit_identically_in_any_batch_position_and_company(bundle
             np.concatenate([part[name] for part in parts]), together[name], err_msg=name
         )
         np.testing.assert_array_equal(shuffled[name], together[name][order], err_msg=name)
+
+
+def test_feature_and_reference_mappings_together_score_as_apart(bundle, batch):
+    """GAN_R's mapping batched with the feature mapping (one mapping of 2R rows) gives the scores
+    of the two mappings run one after the other."""
+    pixels, ids = batch
+    common = dict(lambda_=0.1, steps=20, z_lr=0.05, return_z=True)
+    together = invert_modes(bundle, pixels, ids, modes=("feature", "reference"), **common)
+    for mode in ("feature", "reference"):
+        apart = invert_batch(bundle, pixels, ids, mode=mode, **common)
+        for name in ("anomaly_score", "residual_score", "discrimination_score", "z"):
+            np.testing.assert_allclose(
+                getattr(together[mode], name), getattr(apart, name),
+                rtol=MODES_TOGETHER_RTOL, atol=1e-6, err_msg=f"{mode} {name}",
+            )  # fmt: skip
+    assert not np.allclose(together["feature"].z, together["reference"].z)  # two trajectories
+    with pytest.raises(ValueError, match="each once"):
+        invert_modes(bundle, pixels, ids, modes=("feature", "feature"), **common)
 
 
 def test_same_patch_id_same_start_and_same_scores(bundle, batch):
@@ -147,9 +178,79 @@ def test_bf16_mapping_agrees_with_fp32_and_fp32_stays_exact(bundle, batch):
     assert relative.max() < PRECISION_RTOL["bf16"]
     labels = np.r_[np.zeros(16), np.ones(16)]
     assert abs(roc_auc_score(labels, fast) - roc_auc_score(labels, exact)) < 0.02
-    ok, worst = check_precision(
+    ok, worst = check_fast_path(
         bundle, pixels[:8], ids[:8], precision="bf16", lambda_=0.1, **common
     )
     assert ok and worst < PRECISION_RTOL["bf16"]
     with pytest.raises(ValueError, match="precision 'fp16'"):
         invert_batch(bundle, pixels, ids, precision="fp16", **common)
+
+
+def test_compiled_mapping_agrees_with_eager_and_stays_batch_invariant(bundle, batch):
+    """torch.compile'd mapping steps score within COMPILE_RTOL of eager ones (measured up to
+    2.6e-7 relative here), and a patch still scores to the bit alike in any batch."""
+    pixels, ids = batch
+    common = dict(lambda_=0.1, steps=20, z_lr=0.05)
+    eager = score_patches(bundle, pixels, ids, **common)
+    compiled = score_patches(bundle, pixels, ids, compile=True, **common)
+    for name in ("anomaly_score", "residual_score", "discrimination_score"):
+        np.testing.assert_allclose(compiled[name], eager[name], rtol=COMPILE_RTOL, err_msg=name)
+    alone = score_patches(bundle, pixels[5:6], ids[5:6], compile=True, **common)
+    assert alone["anomaly_score"][0] == compiled["anomaly_score"][5]
+    ok, worst = check_fast_path(
+        bundle, pixels[:8], ids[:8], precision="fp32", compile=True, **common
+    )
+    assert ok and worst <= COMPILE_RTOL
+
+
+def test_failed_compilation_maps_eagerly_with_a_warning(
+    bundle, batch, monkeypatch, tmp_path, caplog
+):
+    """Without a working C++ compiler, compile=True logs a warning and maps eagerly."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    pixels, ids = batch
+    monkeypatch.setattr(invert, "_COMPILED", {})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no cached kernels
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (str(tmp_path / "no-cxx"),))
+    torch._dynamo.reset()
+    common = dict(lambda_=0.1, steps=3, z_lr=0.05)
+    try:
+        with caplog.at_level("WARNING", logger=invert.__name__):
+            fallback = invert_batch(bundle, pixels[:4], ids[:4], compile=True, **common)
+    finally:
+        torch._dynamo.reset()
+    assert "mapping eagerly" in caplog.text
+    eager = invert_batch(bundle, pixels[:4], ids[:4], **common)
+    np.testing.assert_array_equal(fallback.anomaly_score, eager.anomaly_score)
+
+
+def test_rows_on_a_gpu_follow_its_memory_in_powers_of_two():
+    """The CUDA mapping's fixed rows: the largest power of two whose activations fit in a quarter
+    of the GPU's memory, at least 16 and at most 1024; the CPU's stay 16."""
+    gib, mib = 2**30, 2**20
+    assert rows_for_memory(80 * gib, 4 * mib) == 1024  # an H100: capped
+    assert rows_for_memory(16 * gib, 8 * mib) == 512  # 4 GiB / 8 MiB = 512
+    assert rows_for_memory(16 * gib, 9 * mib) == 256  # 455 rows fit: rounded down
+    assert rows_for_memory(1 * gib, 64 * mib) == 16  # 4 fit: never fewer than 16
+    assert rows_for_memory(24 * gib, 0) == 1024
+    assert mapping_rows(torch.device("cpu")) == 16
+
+
+def test_channels_last_models_score_alike_and_stay_batch_invariant(tiny_bundle, batch):
+    """G and D in channels_last memory format (score.channels_last) give the same scores up to
+    rounding (oneDNN picks other kernels), still bit-identical whatever batch a patch is in."""
+    pixels, ids = batch
+    common = dict(lambda_=0.1, steps=20, z_lr=0.05)
+    model = load_bundle(tiny_bundle)
+    contiguous = score_patches(model, pixels, ids, **common)
+    for module in (model.generator, model.discriminator):
+        module.to(memory_format=torch.channels_last)
+    together = score_patches(model, pixels, ids, **common)
+    alone = score_patches(model, pixels[5:6], ids[5:6], **common)
+    assert alone["anomaly_score"][0] == together["anomaly_score"][5]
+    np.testing.assert_allclose(
+        together["anomaly_score"], contiguous["anomaly_score"], rtol=MODES_TOGETHER_RTOL
+    )

@@ -311,3 +311,29 @@ def test_killed_job_resumes_and_scores_every_patch_exactly_once(
     assert len(lines) >= 3 and counts == sorted(counts) and counts[-1] == left
     assert lines[-1].group(2).endswith("patches/s, done")
     assert any(re.fullmatch(r", [\d.,]+ patches/s, about .+ left", m.group(2)) for m in lines)
+
+
+def test_the_scorer_switches_off_a_fast_path_beyond_its_tolerance(
+    tiny_bundle, cohort_images, monkeypatch, caplog
+):
+    """A fast path (here score.compile) whose first-batch scores differ from eager fp32 beyond
+    its tolerance (here set below anything measurable) is switched off, with a warning, and the
+    batch is scored eagerly."""
+    import torch
+
+    from anogan_ray.core import invert
+    from anogan_ray.pipelines.score import PatchScorer, prepare_batch
+
+    monkeypatch.setattr(invert, "COMPILE_RTOL", -1.0)
+    rows = _patch_rows(cohort_images["val"][:8], np.zeros(8), "val", "s1-v")
+    batch = prepare_batch(
+        {**{k: np.asarray(v) for k, v in rows.items()},
+         "pixels": encode_pixels(cohort_images["val"][:8])},
+        ["val"],
+    )  # fmt: skip
+    cfg = ScoreConfig(steps=5, z_lr=0.05, compile=True, splits=["val"])
+    scorer = PatchScorer(tiny_bundle, cfg, "cpu", torch.get_num_threads())
+    with caplog.at_level(logging.WARNING):
+        out = scorer(batch)
+    assert not scorer.compile and "compiled differs from eager fp32" in caplog.text
+    assert np.isfinite(out["anomaly_score"]).all()

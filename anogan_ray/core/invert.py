@@ -10,6 +10,7 @@ For a query patch x, z is optimized with Adam for Γ steps so that G(z) matches 
 R(x) and D(x) are L_R and L_D evaluated once more at the final z_Γ, after the last update.
 The GAN_R variant ("reference" mode) replaces L_D by the reference discrimination loss of Yeh et
 al., the sigmoid cross-entropy of D(G(z)) against "real", both for the mapping and for the score.
+When both are asked for, they run as one mapping of twice the rows (:func:`invert_modes`).
 
 A batch of B patches is inverted at once with z of shape (B, nz). The optimized objective is the
 sum of the per-patch losses, so each z row receives exactly its own patch's gradient, and Adam is
@@ -26,18 +27,23 @@ therefore always runs in batches of exactly :func:`mapping_rows` rows (16 on CPU
 as ⌈B / rows⌉ fixed-shape batches, the last one padded with copies of its first patch, and p_d
 is computed in the same shape.
 
-The guarantee: with the same torch build, CPU capability and thread count, a patch's scores are
-bit-identical whatever batch it is scored in, at whatever position, next to whichever patches
-(tests/test_invert.py). Between machines, capabilities or thread counts they differ by rounding
-amplified over the Γ steps: on the test model (20 steps) up to 7e-5 relative between
-ATEN_CPU_CAPABILITY=default and avx2 / avx512, and between 2 and 3 threads (avx2 and avx512 agree
-to the bit). Compare scores from different machines with a tolerance, not for equality.
+On CUDA the rows follow the GPU's total memory and the model (:func:`mapping_rows`), so they are
+fixed per GPU type and model. The fast paths (``precision``, ``compile``, channels_last weights)
+keep the fixed shapes.
+
+The guarantee: with the same torch build, CPU capability and thread count (on CUDA: the same GPU
+type) and the same fast paths, a patch's scores are bit-identical whatever batch it is scored
+in, at whatever position, next to whichever patches (tests/test_invert.py). Between machines,
+capabilities or thread counts they differ by rounding amplified over the Γ steps: on the test
+model (20 steps) up to 7e-5 relative between ATEN_CPU_CAPABILITY=default and avx2 / avx512, and
+between 2 and 3 threads (avx2 and avx512 agree to the bit). Compare scores from different machines with a tolerance, not for equality.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -59,8 +65,12 @@ MAPPINGS = ("iterative", "encoder", "encoder+iterative")
 # Relative difference allowed between fast-math (TF32 / bf16) scores and fp32 scores.
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Largest relative difference of A(x) to fp32 a fast precision may show on the check's sample
-# before the scorer switches it off (see check_precision).
+# before the scorer switches it off (see check_fast_path).
 PRECISION_RTOL = {"tf32": 1e-2, "bf16": 5e-2}
+# The same for torch.compile'd mapping steps against eager ones (see check_fast_path): the
+# compiled kernels sum in another order, and Adam amplifies last-bit differences over the steps
+# (measured 2.6e-7 on the test model at Γ = 20 on CPU).
+COMPILE_RTOL = 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,14 +137,71 @@ def initial_latent(
     return torch.cat(rows).to(device)  # (B, nz)
 
 
-def mapping_rows(device: torch.device) -> int:
+# On CUDA: the share of the GPU's memory one mode's fixed-shape batch may fill with activations
+# (GAN_R's mapping doubles it), and the most rows a batch gets.
+CUDA_MEMORY_SHARE = 0.25
+CUDA_MAX_ROWS = 1024
+_CUDA_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # G -> {(device, D): rows}
+
+
+def mapping_rows(
+    device: torch.device, models: tuple[Generator, Discriminator] | None = None
+) -> int:
     """The fixed number of rows every batch of the mapping runs with on ``device``.
 
     16 on CPU: the patch-steps/s of the tiny and demo models are within ~10% from 8 to 64 rows
-    per batch there, and few rows waste little on padding; 256 on GPUs, whose kernels need wide
-    batches. Changing it changes the scores in their last bits.
+    per batch there, the paper model's from 16 to 64 (128: 20 % fewer; bench_invert.py), and few
+    rows waste little on padding. On CUDA, with the ``models``, as many
+    as the GPU's memory holds (:func:`rows_for_memory` of its total memory and the bytes one row
+    of the mapping step measurably takes), found once per process, device and model; the total
+    memory, not the free, so that every run on the same GPU type gets the same rows. Without the
+    models (E(x), p_d, the baselines: :func:`in_fixed_rows`) 256. Changing it changes the scores
+    in their last bits.
     """
-    return 16 if device.type == "cpu" else 256
+    if device.type != "cuda":
+        return 16
+    if models is None:
+        return 256
+    generator, discriminator = models
+    gpu = _device_of(generator)  # "cuda:0" where ``device`` may say "cuda"
+    known = _CUDA_ROWS.setdefault(generator, {})
+    key = (str(gpu), id(discriminator))
+    if key not in known:
+        total = torch.cuda.mem_get_info(gpu)[1]
+        known[key] = rows_for_memory(total, _cuda_bytes_per_row(generator, discriminator))
+        log.info("mapping %d rows per batch on %s", known[key], gpu)
+    return known[key]
+
+
+def rows_for_memory(
+    memory_bytes: int, bytes_per_row: int, share: float = CUDA_MEMORY_SHARE,
+    max_rows: int = CUDA_MAX_ROWS, min_rows: int = 16,
+) -> int:  # fmt: skip
+    """The largest power of two of rows whose ``bytes_per_row`` fit in ``share`` of
+    ``memory_bytes``, within [``min_rows``, ``max_rows``]."""
+    fitting = int(memory_bytes * share) // max(bytes_per_row, 1)
+    rows = 1 << (max(fitting, 1).bit_length() - 1)  # round down to a power of two
+    return max(min_rows, min(max_rows, rows))
+
+
+def _cuda_bytes_per_row(generator: Generator, discriminator: Discriminator, probe: int = 16) -> int:
+    """Peak CUDA memory of one fp32 mapping step (forward and backward) per row, measured on
+    ``probe`` rows."""
+    device = _device_of(generator)
+    z = torch.zeros(probe, generator.latent_dim, device=device, requires_grad=True)
+    x = torch.zeros(probe, 1, 64, 64, device=device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.enable_grad():
+        features_x = discriminator.features(x).detach()
+        loss = _mapping_loss(
+            generator, discriminator, z, x, features_x,
+            lambda_=0.5, modes=("feature",), precision="fp32",
+        )  # fmt: skip
+        loss.sum().backward()
+    torch.cuda.synchronize(device)
+    return -(-(torch.cuda.max_memory_allocated(device) - before) // probe)  # ceil
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -183,36 +250,67 @@ def invert_batch(
     pixels: torch.Tensor,
     patch_ids: Sequence[str],
     *,
+    mode: Mode = "feature",
+    **settings: Any,
+) -> InversionResult:
+    """Map a batch of patches to the latent space and score them with one discrimination loss.
+
+    ``mode`` is ``"feature"`` (AnoGAN, eq. 4) or ``"reference"`` (GAN_R, Yeh et al.); the other
+    arguments are :func:`invert_modes`'.
+    """
+    return invert_modes(model, pixels, patch_ids, modes=(mode,), **settings)[mode]
+
+
+def invert_modes(
+    model: ModelBundle | tuple[Generator, Discriminator],
+    pixels: torch.Tensor,
+    patch_ids: Sequence[str],
+    *,
+    modes: Sequence[Mode] = ("feature",),
     lambda_: float = 0.1,
     steps: int = 500,
     z_lr: float = 0.01,
-    mode: Mode = "feature",
     latent_prior: str | None = None,
     return_residual_map: bool = False,
     return_z: bool = False,
     precision: str = "fp32",
     initial_z: torch.Tensor | None = None,
-) -> InversionResult:
-    """Map a batch of patches to the latent space and score them.
+    compile: bool = False,
+    rows: int | None = None,
+) -> dict[Mode, InversionResult]:
+    """Map a batch of patches to the latent space once per discrimination loss, in one mapping.
+
+    With ``modes=("feature", "reference")`` each fixed-shape batch of R patches runs as one
+    mapping of 2R rows: rows 0..R−1 optimize the feature-matching loss, rows R..2R−1 the reference
+    loss, each row from the patch's own z_1. The optimized objective is still a sum of per-row
+    losses, so every row follows its own trajectory, and a GPU sees one wide batch instead of two
+    narrow ones. The scores equal those of separate mappings up to rounding (the kernels see 2R
+    rows instead of R; tests/test_invert.py states the tolerance), and are bit-identical whatever
+    batch a patch comes in, as for one mode.
 
     Args:
         model: a loaded bundle, or a (G, D) pair (put in eval mode and frozen here).
         pixels: (B, 1, 64, 64) float patches in [-1, 1], on any device (moved to the model's).
         patch_ids: one id per patch; seeds z_1.
+        modes: the discrimination losses, each ``"feature"`` or ``"reference"``, each once.
         lambda_: λ of eqs. (5) and (6).
         steps: Γ, Adam updates of z.
         z_lr: Adam learning rate of z.
-        mode: ``"feature"`` (AnoGAN, eq. 4) or ``"reference"`` (GAN_R, Yeh et al.).
         latent_prior: ``"normal"`` or ``"uniform"``; by default the bundle's.
         return_residual_map: also return |x − G(z_Γ)|, (B, 64, 64).
         return_z: also return z_Γ, (B, nz).
         precision: arithmetic of the Γ mapping steps (:func:`precision_context`); the scores at
-            z_Γ are always computed in fp32 (see :func:`check_precision`).
+            z_Γ are always computed in fp32 (see :func:`check_fast_path`).
         initial_z: z_1 (B, nz), e.g. E(x) of a trained encoder; by default drawn from the prior
             with a seed derived from each patch id.
+        compile: run the Γ steps' forward and backward passes through ``torch.compile``
+            (:func:`compiled_mapping_loss`; eager if compilation fails). The scores at z_Γ are
+            computed eagerly.
+        rows: patches per fixed-shape batch; by default :func:`mapping_rows`, the only value
+            whose scores the guarantee covers (another changes them in their last bits).
 
     Returns:
-        An :class:`InversionResult` of numpy arrays on the CPU.
+        ``{mode: InversionResult}`` of numpy arrays on the CPU.
     """
     if isinstance(model, ModelBundle):
         generator, discriminator = model.generator, model.discriminator
@@ -222,8 +320,9 @@ def invert_batch(
         generator.eval().requires_grad_(False)
         discriminator.eval().requires_grad_(False)
     latent_prior = latent_prior or "normal"
-    if mode not in ("feature", "reference"):
-        raise ValueError(f"mode {mode!r}: expected 'feature' or 'reference'")
+    modes = tuple(modes)
+    if not modes or len(set(modes)) < len(modes) or set(modes) - {"feature", "reference"}:
+        raise ValueError(f"modes {modes!r}: expected 'feature' and/or 'reference', each once")
     if pixels.ndim != 4 or pixels.shape[1] != 1 or len(patch_ids) != pixels.shape[0]:
         raise ValueError(
             f"pixels of shape {tuple(pixels.shape)} with {len(patch_ids)} patch ids: "
@@ -235,44 +334,112 @@ def invert_batch(
         z0 = initial_latent(patch_ids, generator, latent_prior, device)  # (B, nz)
     else:
         z0 = initial_z.detach().to(device=device, dtype=torch.float32)  # (B, nz)
-    rows = mapping_rows(device)
+    rows = rows or mapping_rows(device, (generator, discriminator))
+    common = dict(lambda_=lambda_, z_lr=z_lr, modes=modes, precision=precision, compile=compile)
     parts = []
     for start in range(0, len(patch_ids), rows):
-            count = min(rows, len(patch_ids) - start)
-            part = _invert_rows(
-                generator,
-                discriminator,
-                _pad_rows(x[start : start + rows], rows),
-                _pad_rows(z0[start : start + rows], rows),
-                lambda_=lambda_,
-                steps=steps,
-                z_lr=z_lr,
-                mode=mode,
-                precision=precision,
-            )
-            parts.append({name: value[:count] for name, value in part.items()})
-    if parts:
-        out = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-    else:  # no patches: empty columns of the right shapes
-        out = _invert_rows(
-            generator, discriminator, x, z0, lambda_=lambda_, steps=0, z_lr=z_lr, mode=mode
+        count = min(rows, len(patch_ids) - start)
+        part = _invert_rows(
+            generator,
+            discriminator,
+            _pad_rows(x[start : start + rows], rows),
+            _pad_rows(z0[start : start + rows], rows),
+            steps=steps,
+            **common,
         )
-    residual_map = out["residual_map"]  # (B, H, W)
-    width = residual_map.shape[-1]
+        parts.append({m: {name: t[:count] for name, t in part[m].items()} for m in modes})
+    if not parts:  # no patches: empty columns of the right shapes
+        parts = [_invert_rows(generator, discriminator, x, z0, steps=0, **common)]
 
     def cpu(t: torch.Tensor) -> np.ndarray:
         return t.detach().float().cpu().numpy()
 
-    return InversionResult(
-        anomaly_score=cpu(out["anomaly"]),
-        residual_score=cpu(out["residual"]),
-        discrimination_score=cpu(out["discrimination"]),
-        residual_max=cpu(out["residual_max"]),
-        residual_max_y=(out["where"] // width).cpu().numpy().astype(np.int32),
-        residual_max_x=(out["where"] % width).cpu().numpy().astype(np.int32),
-        z=cpu(out["z"]) if return_z else None,
-        residual_map=cpu(residual_map) if return_residual_map else None,
-    )
+    results = {}
+    for mode in modes:
+        out = {name: torch.cat([part[mode][name] for part in parts]) for name in parts[0][mode]}
+        residual_map = out["residual_map"]  # (B, H, W)
+        width = residual_map.shape[-1]
+        results[mode] = InversionResult(
+            anomaly_score=cpu(out["anomaly"]),
+            residual_score=cpu(out["residual"]),
+            discrimination_score=cpu(out["discrimination"]),
+            residual_max=cpu(out["residual_max"]),
+            residual_max_y=(out["where"] // width).cpu().numpy().astype(np.int32),
+            residual_max_x=(out["where"] % width).cpu().numpy().astype(np.int32),
+            z=cpu(out["z"]) if return_z else None,
+            residual_map=cpu(residual_map) if return_residual_map else None,
+        )
+    return results
+
+
+def _discrimination(
+    discriminator: Discriminator,
+    x_hat: torch.Tensor,
+    features_x: torch.Tensor | None,
+    modes: tuple[Mode, ...],
+) -> torch.Tensor:
+    """The discrimination loss of each row of G(z) (M·R, 1, H, W), row block m in ``modes[m]``;
+    ``features_x`` is f(x) of the R patches (R, 8c, 4, 4) when a mode needs it. -> (M·R,)"""
+    features_hat = discriminator.features(x_hat)  # (M·R, 8c, 4, 4)
+    rows = features_hat.shape[0] // len(modes)
+    losses = []
+    for block, mode in zip(features_hat.split(rows), modes, strict=True):
+        if mode == "feature":
+            losses.append(discrimination_loss(features_x, block))
+        else:
+            losses.append(reference_discrimination_loss(discriminator.logits(block)))
+    return torch.cat(losses)
+
+
+def _mapping_loss(
+    generator: Generator,
+    discriminator: Discriminator,
+    z: torch.Tensor,
+    x_rows: torch.Tensor,
+    features_x: torch.Tensor | None,
+    *,
+    lambda_: float,
+    modes: tuple[Mode, ...],
+    precision: str,
+) -> torch.Tensor:
+    """L(z) of eq. (5) per row, G and D under :func:`autocast`: z (M·R, nz) -> (M·R,) fp32."""
+    with autocast(z.device, precision):
+        x_hat = generator(z)  # (M·R, 1, H, W)
+        residual = residual_loss(x_rows, x_hat)
+        disc = _discrimination(discriminator, x_hat, features_x, modes)
+        return mapping_loss(residual, disc, lambda_).float()
+
+
+_COMPILED: dict[str, Any] = {}  # torch.compile'd _mapping_loss per device type
+
+
+def compiled_mapping_loss(device: torch.device) -> Any:
+    """:func:`_mapping_loss` through ``torch.compile`` (static shapes; on CUDA mode
+    ``reduce-overhead``, i.e. CUDA graphs), or the eager function once compiling has failed.
+
+    Compiling happens at the first call of each new shape and model (tens of seconds on a 2-core
+    CPU, cached on disk by inductor afterwards); it pays off over many Γ steps. A failure (no C++
+    compiler, an unsupported op) is logged once and the process maps eagerly from then on.
+    """
+    kind = device.type
+    if kind not in _COMPILED:
+        mode = "reduce-overhead" if kind == "cuda" else None
+        compiled = torch.compile(_mapping_loss, dynamic=False, mode=mode)
+
+        def loss_or_eager(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if _COMPILED[kind] is _mapping_loss:
+                return _mapping_loss(*args, **kwargs)
+            try:
+                if kind == "cuda":  # a new step: the last step's graph outputs are consumed
+                    torch.compiler.cudagraph_mark_step_begin()
+                return compiled(*args, **kwargs)
+            except Exception as err:  # compiling failed: the eager function from now on
+                log.warning("torch.compile of the mapping step failed, mapping eagerly: %s", err)
+                _COMPILED[kind] = _mapping_loss
+                return _mapping_loss(*args, **kwargs)
+
+        _COMPILED[kind] = loss_or_eager
+    return _COMPILED[kind]
 
 
 def _invert_rows(
@@ -284,42 +451,40 @@ def _invert_rows(
     lambda_: float,
     steps: int,
     z_lr: float,
-    mode: Mode,
+    modes: tuple[Mode, ...],
     precision: str = "fp32",
-) -> dict[str, torch.Tensor]:
-    """The mapping of one fixed-shape batch: x (R, 1, H, W), z_1 (R, nz) -> per-row tensors.
+    compile: bool = False,
+) -> dict[Mode, dict[str, torch.Tensor]]:
+    """The mapping of one fixed-shape batch: x (R, 1, H, W), z_1 (R, nz) -> per mode, per-row
+    tensors. It runs on M·R rows, the R patches once per mode (see :func:`invert_modes`).
 
-    The Γ steps run in ``precision``; the scores at z_Γ in true fp32."""
-
-    def discrimination(x_hat: torch.Tensor, features_x: torch.Tensor | None) -> torch.Tensor:
-        if mode == "feature":
-            return discrimination_loss(features_x, discriminator.features(x_hat))
-        return reference_discrimination_loss(discriminator(x_hat))
-
-    device = x.device
+    The Γ steps run in ``precision`` (compiled if ``compile``); the scores at z_Γ in eager fp32."""
+    device, rows = x.device, x.shape[0]
     with torch.no_grad(), precision_context(device, "fp32"):
-        features_x = discriminator.features(x) if mode == "feature" else None  # (R, 8c, 4, 4)
+        features_x = discriminator.features(x) if "feature" in modes else None  # (R, 8c, 4, 4)
+    x_rows = x.repeat(len(modes), 1, 1, 1)  # (M·R, 1, H, W)
 
-    z = z0.clone().requires_grad_(True)
+    loss_of = compiled_mapping_loss(device) if compile else _mapping_loss
+    z = z0.repeat(len(modes), 1).requires_grad_(True)  # (M·R, nz)
     optimizer = torch.optim.Adam([z], lr=z_lr)
     with torch.enable_grad(), precision_context(device, precision):
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                x_hat = generator(z)
-                residual = residual_loss(x, x_hat)
-                loss = mapping_loss(residual, discrimination(x_hat, features_x), lambda_)
-            loss.float().sum().backward()  # sum of per-patch losses: independent row gradients
+            loss = loss_of(
+                generator, discriminator, z, x_rows, features_x,
+                lambda_=lambda_, modes=modes, precision=precision,
+            )  # fmt: skip
+            loss.sum().backward()  # sum of per-row losses: independent row gradients
             optimizer.step()
 
     # R(x), D(x), A(x) at the final z_Γ (after the last update), in fp32 whatever the steps used
     with torch.no_grad(), precision_context(device, "fp32"):
         x_hat = generator(z)
-        residual = residual_loss(x, x_hat)
-        disc = discrimination(x_hat, features_x)
-        residual_map = (x - x_hat).abs()[:, 0]  # (R, H, W)
+        residual = residual_loss(x_rows, x_hat)
+        disc = _discrimination(discriminator, x_hat, features_x, modes)
+        residual_map = (x_rows - x_hat).abs()[:, 0]  # (M·R, H, W)
         residual_max, where = residual_map.flatten(1).max(1)
-    return {
+    out = {
         "anomaly": mapping_loss(residual, disc, lambda_),
         "residual": residual,
         "discrimination": disc,
@@ -327,6 +492,10 @@ def _invert_rows(
         "residual_max": residual_max,
         "where": where,
         "z": z.detach(),
+    }
+    return {
+        mode: {name: t[m * rows : (m + 1) * rows] for name, t in out.items()}
+        for m, mode in enumerate(modes)
     }
 
 
@@ -405,6 +574,7 @@ def score_patches(
     return_z: bool = False,
     precision: str = "fp32",
     mapping: Mapping = "iterative",
+    compile: bool = False,
 ) -> dict[str, np.ndarray]:
     """All score-table columns for a batch: A, R, D, p_d, GAN_R (NaN unless requested), residual
     max, and the baselines' scores (NaN when the bundle has no such baseline).
@@ -412,6 +582,7 @@ def score_patches(
     ``mapping`` says where z starts: ``iterative`` (the paper: the patch id's seed, then
     ``steps`` updates), ``encoder`` (z = E(x), no updates: f-AnoGAN) or ``encoder+iterative``
     (z_1 = E(x), then ``steps`` updates); the encoder mappings need a bundle with E.
+    ``precision`` and ``compile`` are :func:`invert_modes`'.
 
     Returns:
         ``{column: (B,) array}`` for :data:`SCORE_COLUMNS`, plus ``z`` (B, nz) when ``return_z``.
@@ -422,8 +593,12 @@ def score_patches(
     if mapping != "iterative":
         initial_z = encode(model, pixels)
         steps = 0 if mapping == "encoder" else steps
-    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr, precision=precision, initial_z=initial_z)
-    feature = invert_batch(model, pixels, patch_ids, mode="feature", return_z=return_z, **common)
+    modes: tuple[Mode, ...] = ("feature", "reference") if reference_score else ("feature",)
+    results = invert_modes(
+        model, pixels, patch_ids, modes=modes, lambda_=lambda_, steps=steps, z_lr=z_lr,
+        return_z=return_z, precision=precision, initial_z=initial_z, compile=compile,
+    )  # fmt: skip
+    feature = results["feature"]
     columns = {f.name: getattr(feature, f.name) for f in fields(feature)}
     columns.pop("residual_map")
     z = columns.pop("z")
@@ -431,7 +606,7 @@ def score_patches(
     nan = np.full(len(patch_ids), np.nan, dtype=np.float32)
     columns["ref_discrimination_score"] = columns["ref_anomaly_score"] = nan
     if reference_score:
-        ref = invert_batch(model, pixels, patch_ids, mode="reference", **common)
+        ref = results["reference"]
         columns["ref_discrimination_score"] = ref.discrimination_score
         columns["ref_anomaly_score"] = ref.anomaly_score
     columns["acae_score"] = columns["pca_score"] = nan
@@ -456,7 +631,13 @@ def score_patches(
     return out
 
 
-def check_precision(
+def fast_path_rtol(precision: str, compile: bool) -> float:
+    """The largest relative difference of A(x) to eager fp32 that :func:`check_fast_path` allows
+    a mapping in ``precision``, compiled or not."""
+    return PRECISION_RTOL.get(precision, 0.0) + (COMPILE_RTOL if compile else 0.0)
+
+
+def check_fast_path(
     model: ModelBundle | tuple[Generator, Discriminator],
     pixels: torch.Tensor,
     patch_ids: Sequence[str],
@@ -465,15 +646,19 @@ def check_precision(
     lambda_: float,
     steps: int,
     z_lr: float,
+    compile: bool = False,
     initial_z: torch.Tensor | None = None,
 ) -> tuple[bool, float]:
-    """Compare A(x) mapped in ``precision`` with true fp32 on a sample batch.
+    """Compare A(x) mapped in ``precision`` (and compiled, if ``compile``) with eager true fp32 on
+    a sample batch.
 
     Returns:
-        (within :data:`PRECISION_RTOL`, the largest relative difference).
+        (within :func:`fast_path_rtol`, the largest relative difference).
     """
     common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr, initial_z=initial_z)
     exact = invert_batch(model, pixels, patch_ids, **common).anomaly_score
-    fast = invert_batch(model, pixels, patch_ids, precision=precision, **common).anomaly_score
+    fast = invert_batch(
+        model, pixels, patch_ids, precision=precision, compile=compile, **common
+    ).anomaly_score
     worst = float(np.max(np.abs(fast - exact) / np.maximum(np.abs(exact), 1e-12)))
-    return worst <= PRECISION_RTOL.get(precision, 0.0), worst
+    return worst <= fast_path_rtol(precision, compile), worst

@@ -127,8 +127,12 @@ class Discriminator(nn.Module):
         """f(x) of eq. (4): the last convolution layer's activations, (B, 8c, 4, 4)."""
         return self.convs(x)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """D's logits from its last-conv features: (B, 8c, 4, 4) -> (B,); sigmoid -> D(x)."""
+        return self.classify(features).squeeze(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x)).squeeze(1)  # (B,) logits; sigmoid -> D(x)
+        return self.logits(self.features(x))  # (B,) logits
 
 
 class Encoder(nn.Module):

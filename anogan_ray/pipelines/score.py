@@ -56,7 +56,13 @@ import torch
 from anogan_ray import storage, tables
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
-from anogan_ray.core.invert import SCORE_COLUMNS, check_precision, encode, score_patches
+from anogan_ray.core.invert import (
+    SCORE_COLUMNS,
+    check_fast_path,
+    encode,
+    mapping_rows,
+    score_patches,
+)
 from anogan_ray.core.model import ENCODER_FILE, load_bundle
 from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.progress import logged_progress
@@ -186,22 +192,43 @@ class PatchScorer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.device = torch.device(device)
         self.bundle = load_bundle(model, device=self.device)
+        models = (self.bundle.generator, self.bundle.discriminator)
+        if cfg.channels_last:
+            for module in models:
+                module.to(memory_format=torch.channels_last)
+        rows = mapping_rows(self.device, models)
+        if cfg.batch_size % rows:
+            log.warning(
+                "score.batch_size %d is not a multiple of the mapping's %d rows on %s: each "
+                "batch is padded to a multiple of them", cfg.batch_size, rows, device,
+            )  # fmt: skip
         self.cfg = cfg
         self.progress = progress
         self.precision = cfg.precision
+        self.compile = cfg.compile
         self.scored = 0
 
-    def _check_precision(self, pixels: torch.Tensor, ids: list[str]) -> None:
-        """Map a sample in the configured precision and in fp32; above the tolerance, fp32."""
+    def _check_fast_paths(self, pixels: torch.Tensor, ids: list[str]) -> None:
+        """Map a sample in the configured precision, then compiled, each compared with eager
+        fp32; a fast path beyond its tolerance is switched off."""
         initial_z = None if self.cfg.mapping == "iterative" else encode(self.bundle, pixels)
-        ok, worst = check_precision(
-            self.bundle, pixels, ids, precision=self.precision, lambda_=self.cfg.lambda_,
-            steps=self.cfg.steps, z_lr=self.cfg.z_lr, initial_z=initial_z,
-        )  # fmt: skip
-        log.info("%s vs fp32: largest relative difference of A(x) %.2e", self.precision, worst)
-        if not ok:
-            log.warning("%s differs from fp32 by %.2e; mapping in fp32", self.precision, worst)
+
+        def agrees(compile: bool) -> bool:
+            name = self.precision + (" compiled" if compile else "")
+            ok, worst = check_fast_path(
+                self.bundle, pixels, ids, precision=self.precision, compile=compile,
+                lambda_=self.cfg.lambda_, steps=self.cfg.steps, z_lr=self.cfg.z_lr,
+                initial_z=initial_z,
+            )  # fmt: skip
+            log.info("%s vs eager fp32: largest relative difference of A(x) %.2e", name, worst)
+            if not ok:
+                log.warning("%s differs from eager fp32 by %.2e; switching it off", name, worst)
+            return ok
+
+        if self.precision != "fp32" and not agrees(compile=False):
             self.precision = "fp32"
+        if self.compile and not agrees(compile=True):
+            self.compile = False
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["patch_id"])
@@ -214,12 +241,13 @@ class PatchScorer:
         z = np.zeros((n, self.bundle.model_config.latent_dim), dtype=np.float32)
         if ids:
             pixels = torch.from_numpy(decode_pixels(batch["pixels"][good]))[:, None]  # (b,1,64,64)
-            if self.precision != "fp32" and self.scored == 0:
-                self._check_precision(pixels[:8], ids[:8])
+            if self.scored == 0:
+                self._check_fast_paths(pixels[:8], ids[:8])
             scores = score_patches(
                 self.bundle, pixels, ids, lambda_=self.cfg.lambda_, steps=self.cfg.steps,
                 z_lr=self.cfg.z_lr, reference_score=self.cfg.reference_score,
                 return_z=self.cfg.save_z, precision=self.precision, mapping=self.cfg.mapping,
+                compile=self.compile,
             )  # fmt: skip
             for name in SCORE_COLUMNS:
                 columns[name][good] = scores[name]
@@ -584,6 +612,8 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "max_actors": pool.max_size,
         "batch_size": cfg.batch_size,
         "precision": cfg.precision,
+        "compile": cfg.compile,
+        "channels_last": cfg.channels_last,
         "patches_scored": committed["scored"],
         "patches_rejected": committed["rejected"],
         "patches_recovered_from_earlier_run": recovered["scored"] + recovered["rejected"],
