@@ -50,6 +50,7 @@ from anogan_ray.core.invert import (  # noqa: E402
 )
 from anogan_ray.core.model import build_models, load_bundle  # noqa: E402
 from anogan_ray.core.recipes import GAN  # noqa: E402
+from anogan_ray.pipelines.train import training_precision  # noqa: E402
 
 # Dense bf16 peak TFLOP/s (no sparsity) by the name torch reports.
 PEAKS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
@@ -121,16 +122,19 @@ def _relative(scores: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
     return float(relative.max()), float(np.median(relative))
 
 
-def time_training(cfg, device, steps: int) -> float:
-    """GAN training patches/s of the recipe's step (fp32), after two warm-up steps."""
+def time_training(cfg, device, steps: int, precision: str = "fp32") -> float:
+    """GAN training patches/s of the recipe's step in ``precision`` (``train.precision``), after
+    two warm-up steps."""
     modules = {name: m.to(device) for name, m in GAN.build(cfg.model, 0).items()}
     optimizers = GAN.optimizers(modules, cfg.train)
     real = torch.rand(cfg.train.batch_size, 1, 64, 64, device=device) * 2 - 1
+    arithmetic = training_precision(device, precision)
     for index in range(steps + 2):
         if index == 2:
             _sync(device)
             started = time.perf_counter()
-        GAN.step(modules, optimizers, real, cfg.model, cfg.train)
+        with arithmetic:
+            GAN.step(modules, optimizers, real, cfg.model, cfg.train)
     _sync(device)
     return steps * cfg.train.batch_size / (time.perf_counter() - started)
 
@@ -207,7 +211,9 @@ def main() -> None:
                 row["max_relative_difference_to_apart"] = timed["max_relative_difference"]
             result["paths"][f"GAN_R {how} ({args.gan_r_precision})"] = row
             print(f"GAN_R {how}", json.dumps(row), flush=True)
-    result["training_patches_per_s_fp32"] = round(time_training(cfg, device, args.train_steps), 2)
+    for precision in ("fp32", "bf16"):
+        rate = time_training(cfg, device, args.train_steps, precision)
+        result[f"training_patches_per_s_{precision}"] = round(rate, 2)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
