@@ -212,7 +212,11 @@ def pipeline_share(work: str, model_cfg, model: str, n: int, cfg: ScoreConfig) -
         "core_patches_per_s": round(core_rate, 2),
         "pipeline_patches_per_s": summary["patches_per_s"],
         "pipeline_patches_per_s_incl_startup": round(n / summary["wall_seconds"], 2),
+        "pipeline_patches_per_s_after_first_batch": summary["patches_per_s_after_first_batch"],
         "share": round(summary["patches_per_s"] / core_rate, 3),
+        "share_after_first_batch": round(
+            (summary["patches_per_s_after_first_batch"] or 0) / core_rate, 3
+        ),
         "share_incl_startup": round(n / summary["wall_seconds"] / core_rate, 3),
     }
 

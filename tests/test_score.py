@@ -109,6 +109,8 @@ def test_scores_every_patch_once_on_s3_and_rerun_adds_nothing(
     assert len(ids) == len(set(ids)) == total == summary["patches_scored"]
     assert summary["patches_rejected"] == 0
     assert storage.read_json(f"{out}/summary.json")["patches_scored_total"] == total
+    # throughput after the first batch of 16 (the actors' start-up left out), and with it
+    assert summary["patches_per_s_after_first_batch"] > 0 and summary["patches_per_s"] > 0
     assert "pixels" not in table.column_names
     assert set(table["model_id"].to_pylist()) == {summary["model_id"]}
     assert np.all(np.isfinite(table["anomaly_score"].to_numpy()))

@@ -88,12 +88,24 @@ class ProgressCounter:
 
     def __init__(self) -> None:
         self.done = 0
+        self.first: tuple[float, int] | None = None  # (time, count) of the first report
+        self.last = 0.0  # time of the last report
 
     def add(self, count: int) -> None:
         self.done += count
+        self.last = time.time()
+        if self.first is None:
+            self.first = (self.last, count)
 
     def count(self) -> int:
         return self.done
+
+    def steady_rate(self) -> float | None:
+        """Units per second from the first report to the last: the workers' start-up (a model
+        loading, a first batch) left out; None before two reports."""
+        if self.first is None or self.last <= self.first[0]:
+            return None
+        return (self.done - self.first[1]) / (self.last - self.first[0])
 
 
 @contextlib.contextmanager

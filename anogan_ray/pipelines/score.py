@@ -604,6 +604,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
                 min_rows_per_file=cfg.rows_per_file,
                 ray_remote_args={"num_cpus": 0.25},
             )
+            steady_rate = ray.get(progress.steady_rate.remote())
     finally:
         context.target_max_block_size = saved_block_size
     scoring_seconds = time.perf_counter() - scoring_started
@@ -636,6 +637,8 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "patches_rejected_total": rejected_total,
         "seconds": round(time.perf_counter() - started, 3),
         "patches_per_s": round(committed["scored"] / scoring_seconds, 3),
+        # from the first finished batch to the last: the pipeline's throughput without start-up
+        "patches_per_s_after_first_batch": round(steady_rate, 3) if steady_rate else None,
         "auc": _aucs(out, key),  # patch level
         "scores": storage.join(out, "scores"),
         "rejects": storage.join(out, "rejects"),
