@@ -5,7 +5,7 @@
 1. Pipeline share: the same patches scored in-process with :func:`score_patches` (one process,
    all cores) and by :func:`score` (Ray Data, actor pool); throughput of the second over the first.
 2. Growth: a patch table of each size is scored by a fresh ``score`` job in a subprocess (its own
-   local Ray) with a ``tiny`` model and Γ = 1: time per patch, and the peak RSS (sampled every
+   local Ray) with a ``tiny`` model and Γ = 1: time per patch, and the peak RSS and USS (sampled every
    0.5 s) of the driver, of the largest Ray worker, of all workers and of the whole process tree
    (driver, Ray services, workers); the score table is checked with DuckDB (every patch once).
    CPU: the CPU seconds of the job's whole process tree per patch, against those of
@@ -67,30 +67,36 @@ def write_table(folder: str, n: int, rows_per_file: int = 50_000) -> None:
 
 
 def _memory(root: psutil.Process, cpu: dict[int, float]) -> dict[str, int]:
-    """RSS now of the job's driver, its largest Ray worker, all workers, and the whole tree;
-    records each process's CPU seconds so far in ``cpu`` (pid -> user + system)."""
-    driver = workers = largest = total = 0
+    """Memory now of the job's driver, its largest Ray worker, all workers, and the whole tree:
+    RSS, and USS (``*_uss``: pages the process alone holds, leaving out the object store's
+    shared memory that RSS counts for every worker that touched it). Records each process's CPU
+    seconds so far in ``cpu`` (pid -> user + system)."""
+    now = dict.fromkeys(
+        ("driver", "largest_worker", "workers", "tree", "driver_uss", "largest_worker_uss",
+         "workers_uss", "tree_uss"), 0,
+    )  # fmt: skip
     for process in [root, *root.children(recursive=True)]:
         try:
-            rss = process.memory_info().rss
+            memory = process.memory_full_info()
             name = " ".join(process.cmdline()[:1])
             times = process.cpu_times()
             cpu[process.pid] = times.user + times.system
         except psutil.Error:
             continue
-        total += rss
-        if process.pid == root.pid:
-            driver = rss
-        elif name.startswith("ray::"):
-            workers += rss
-            largest = max(largest, rss)
-    return {"driver": driver, "largest_worker": largest, "workers": workers, "tree": total}
+        for suffix, value in (("", memory.rss), ("_uss", memory.uss)):
+            now[f"tree{suffix}"] += value
+            if process.pid == root.pid:
+                now[f"driver{suffix}"] = value
+            elif name.startswith("ray::"):
+                now[f"workers{suffix}"] += value
+                now[f"largest_worker{suffix}"] = max(now[f"largest_worker{suffix}"], value)
+    return now
 
 
 def run_job(
     patches: str, model: str, out: str, cfg: ScoreConfig, kill_after_rows: int | None = None
 ) -> dict:
-    """Run one ``score`` job in a subprocess (its own local Ray); its summary plus the peak RSS
+    """Run one ``score`` job in a subprocess (its own local Ray); its summary plus the peak RSS and USS
     of its driver, its largest worker, all workers and the whole process tree (sampled every
     0.5 s). With ``kill_after_rows`` the job's whole process tree is SIGKILLed once its staged
     files hold that many rows, and None is returned."""
@@ -116,11 +122,11 @@ def run_job(
         start_new_session=True,
     )
     root = psutil.Process(job.pid)
-    peak = {"driver": 0, "largest_worker": 0, "workers": 0, "tree": 0}
+    peak: dict[str, int] = {}
     cpu: dict[int, float] = {}
     while job.poll() is None:
         now = _memory(root, cpu)
-        peak = {name: max(peak[name], now[name]) for name in peak}
+        peak = {name: max(peak.get(name, 0), value) for name, value in now.items()}
         if kill_after_rows is not None:
             staged = [
                 os.path.join(d, f)
@@ -142,7 +148,7 @@ def run_job(
     with open(f"{out}/summary.json") as f:
         summary = json.load(f)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    summary["peak_rss_gib"] = {name: round(value / 2**30, 3) for name, value in peak.items()}
+    summary["peak_memory_gib"] = {name: round(value / 2**30, 3) for name, value in peak.items()}
     summary["cpu_seconds"] = round(sum(cpu.values()), 2)  # the tree's, up to the last sample
     return summary
 
@@ -268,7 +274,7 @@ def main() -> None:
                 "ms_per_patch": round(1e3 * summary["wall_seconds"] / n, 4),
                 "patches_per_s": summary["patches_per_s"],
                 "cpu_ms_per_patch": round(1e3 * summary["cpu_seconds"] / n, 4),
-                "peak_rss_gib": summary["peak_rss_gib"],
+                "peak_memory_gib": summary["peak_memory_gib"],
                 "table": exactly_once(f"{work}/out_{n}", n),
             }
             shutil.rmtree(f"{work}/out_{n}", ignore_errors=True)
@@ -281,7 +287,7 @@ def main() -> None:
                     "recovered": resumed["patches_recovered_from_earlier_run"],
                     "scored_by_resume": resumed["patches_scored"],
                     "resume_wall_seconds": resumed["wall_seconds"],
-                    "resume_peak_rss_gib": resumed["peak_rss_gib"],
+                    "resume_peak_memory_gib": resumed["peak_memory_gib"],
                     "table": exactly_once(out, n),
                 }
                 shutil.rmtree(out, ignore_errors=True)
@@ -303,8 +309,8 @@ def main() -> None:
             "patches": last["patches"] / first["patches"],
             "ms_per_patch": round(last["ms_per_patch"] / first["ms_per_patch"], 3),
             **{
-                f"peak_{name}": round(value / max(first["peak_rss_gib"][name], 1e-9), 3)
-                for name, value in last["peak_rss_gib"].items()
+                f"peak_{name}": round(value / max(first["peak_memory_gib"][name], 1e-9), 3)
+                for name, value in last["peak_memory_gib"].items()
             },
         }
         result["growth"] = growth
