@@ -260,14 +260,14 @@ def count_committed(url: str, where: ds.Expression | None) -> int:
 
 
 def committed_id_keys(url: str, where: ds.Expression | None) -> np.ndarray:
-    """:func:`id_keys` of the ``patch_id`` of a committed table's rows that ``where`` keeps,
-    sorted; read batch by batch, so only the keys (16 bytes a row) are held."""
+    """:func:`id_keys` of the ``patch_id`` of a committed table's rows that ``where`` keeps
+    (unsorted); read batch by batch, so only the keys (16 bytes a row) are held."""
     dataset = _committed_dataset(url)
     parts = [np.empty(0, ID_KEY)]
     if dataset is not None:
         for batch in dataset.to_batches(columns=["patch_id"], filter=where):
             parts.append(id_keys(batch.column(0)))
-    return np.sort(np.concatenate(parts))
+    return np.concatenate(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +301,6 @@ class IdKeySet:
     def __init__(self, keys: np.ndarray | None = None, max_chunks: int = 8):
         self.chunks = [np.sort(keys)] if keys is not None and len(keys) else []
         self.max_chunks = max_chunks
-
-    def __len__(self) -> int:
-        return sum(len(chunk) for chunk in self.chunks)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """A boolean array: which of ``keys`` are in the set."""
