@@ -138,7 +138,7 @@ class ScoreConfig:
     z_lr: float = _positive(0.01)  # Adam learning rate of z (the paper does not give one)
     batch_size: int = _at_least(1, 64)  # patches per scoring call (scores do not depend on it;
     # on CUDA a multiple of the mapping's rows, which the actors log, wastes nothing on padding)
-    num_actors: int = _at_least(0, 0)  # scoring actors (0: one per GPU, or per 2 CPUs)
+    num_actors: int = _at_least(0, 0)  # scoring actors (0: one per GPU, or per CPU)
     reference_score: bool = False  # also run the GAN_R mapping (Yeh et al. discrimination loss)
     save_z: bool = False  # keep the final z in the score table
     splits: list[str] = field(

@@ -39,8 +39,11 @@ from anogan_ray.core.model import build_models, save_bundle
 from anogan_ray.tables import decode_pixels, patch_id, pixels_from_column
 
 
-def write_table(folder: str, n: int, rows_per_file: int = 50_000) -> None:
-    """A patch table of n test patches (random layered textures), hive-partitioned by split."""
+def write_table(folder: str, n: int, rows_per_file: int = 50_000, row_group: int = 4096) -> None:
+    """A patch table of n test patches (random layered textures), hive-partitioned by split.
+
+    Row groups of ``row_group`` rows, as ``preprocess`` writes them (a row group per block of one
+    volume, ~3,700 patches at the paper preset): a reader holds about one in memory."""
     from ray.data.extensions import ArrowTensorArray
 
     rng = np.random.default_rng(0)
@@ -63,7 +66,8 @@ def write_table(folder: str, n: int, rows_per_file: int = 50_000) -> None:
                 "source": ["bench"] * count,
             }
         )
-        pq.write_table(table, f"{folder}/split=test/part-{start // rows_per_file:05d}.parquet")
+        path = f"{folder}/split=test/part-{start // rows_per_file:05d}.parquet"
+        pq.write_table(table, path, row_group_size=row_group)
 
 
 def _memory(root: psutil.Process, cpu: dict[int, float]) -> dict[str, int]:
@@ -154,8 +158,9 @@ def run_job(
 
 
 def core_cpu_ms_per_patch(model_cfg, n: int, steps: int, batch_size: int) -> float:
-    """CPU milliseconds per patch of :func:`score_patches` alone (in-process, 2 threads) on the
-    growth runs' patches and settings: what the job would cost without Ray, reading or writing."""
+    """CPU milliseconds per patch of :func:`score_patches` alone (in-process, one torch thread, as
+    each CPU scoring actor runs it) on the growth runs' patches and settings: what the job would
+    cost without Ray, reading or writing."""
     folder = tempfile.mkdtemp(prefix="bench_core_")
     try:
         write_table(folder, n)
@@ -167,7 +172,7 @@ def core_cpu_ms_per_patch(model_cfg, n: int, steps: int, batch_size: int) -> flo
     models = build_models(model_cfg, seed=0)
     for module in models:
         module.eval().requires_grad_(False)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     started = time.process_time()
     for i in range(0, n, batch_size):
         batch = torch.from_numpy(decode_pixels(pixels[i : i + batch_size]))[:, None]

@@ -171,8 +171,10 @@ def test_scoring_device_follows_what_the_cluster_can_get(cluster):
 
     cluster_obj, _ = cluster
     # CPU nodes only, no autoscaler: auto takes the CPUs, cuda fails at once and says why
-    device, pool, resources = _resources(ScoreConfig(device="auto"))
-    assert device == "cpu" and resources == {"num_cpus": 1}
+    # (several nodes: one-thread actors of a whole CPU each, one CPU left for reading)
+    device, pool, resources, threads = _resources(ScoreConfig(device="auto"))
+    assert device == "cpu" and resources == {"num_cpus": 1} and threads == 1
+    assert pool.min_size == pool.max_size == int(ray.cluster_resources()["CPU"]) - 1
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="no GPU and its autoscaler cannot add one"):
         _resources(ScoreConfig(device="cuda", gpu_wait_s=60))
@@ -194,7 +196,7 @@ def test_scoring_device_follows_what_the_cluster_can_get(cluster):
         )  # fmt: skip
         try:
             cluster_obj.wait_for_nodes()
-            device, pool, resources = _resources(ScoreConfig(device="auto"))
+            device, pool, resources, _ = _resources(ScoreConfig(device="auto"))
             assert device == "cuda" and resources == {"num_gpus": 1}
             assert (pool.min_size, pool.max_size) == (1, 2)
             assert _gpu_type() == "H100"

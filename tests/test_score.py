@@ -198,6 +198,44 @@ def test_malformed_patches_go_to_rejects_and_the_rest_is_scored(
     assert read_scores(out, "rejects").num_rows == 3
 
 
+def test_cpu_actors_take_a_cpu_each_and_leave_one_to_the_reads(ray_local):
+    from anogan_ray.pipelines.score import _resources
+
+    # one node of 2 CPUs: two one-thread actors asking half a CPU each (a read needs a whole one)
+    device, pool, resources, threads = _resources(ScoreConfig(device="cpu"))
+    assert (device, pool.min_size, pool.max_size) == ("cpu", 2, 2)
+    assert resources == {"num_cpus": 0.5} and threads == 1
+    # one actor asked for: it gets both CPUs' threads and one CPU of Ray's
+    _, pool, resources, threads = _resources(ScoreConfig(device="cpu", num_actors=1))
+    assert pool.min_size == 1 and resources == {"num_cpus": 1.0} and threads == 2
+
+
+def test_scores_on_a_ray_of_one_cpu(tmp_path, tiny_bundle, synthetic_patches):
+    """A one-CPU machine (a small VM, a container's quota): the actor must leave the file listing
+    its CPU, or the job waits forever (it did, when each actor asked for a whole CPU)."""
+    n = 16
+    images = synthetic_patches(n, seed=40)
+    patches, out = str(tmp_path / "patches"), str(tmp_path / "score")
+    write_patch_table(
+        patches, [_patch_rows(images, np.zeros(n), "test", "s5-c")], [encode_pixels(images)]
+    )
+    code = (
+        "import json, ray; from anogan_ray.config import ScoreConfig; "
+        "from anogan_ray.pipelines.score import score; "
+        "ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=False); "
+        f"s = score({patches!r}, {tiny_bundle!r}, {out!r}, ScoreConfig(steps=1, z_lr=0.05)); "
+        "print(json.dumps([s['patches_scored'], s['actors']]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert job.stdout.strip().splitlines()[-1] == f"[{n}, 1]"
+    ids = read_scores(out)["patch_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == n
+
+
 def test_tensor_pixels_are_validated_as_a_whole_like_row_by_row():
     """The whole-array check of a tensor `pixels` column keeps and rejects what the row-by-row
     check does, with the same reasons."""
