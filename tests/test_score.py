@@ -205,9 +205,10 @@ def test_cpu_actors_take_a_cpu_each_and_leave_one_to_the_reads(ray_local):
     device, pool, resources, threads = _resources(ScoreConfig(device="cpu"))
     assert (device, pool.min_size, pool.max_size) == ("cpu", 2, 2)
     assert resources == {"num_cpus": 0.5} and threads == 1
-    # one actor asked for: it gets both CPUs' threads and one CPU of Ray's
-    _, pool, resources, threads = _resources(ScoreConfig(device="cpu", num_actors=1))
-    assert pool.min_size == 1 and resources == {"num_cpus": 1.0} and threads == 2
+    # one actor asked for, or one block to score: it gets both CPUs' threads, one CPU of Ray's
+    for cfg, blocks in ((ScoreConfig(device="cpu", num_actors=1), None), (ScoreConfig(), 1)):
+        _, pool, resources, threads = _resources(cfg, blocks)
+        assert pool.min_size == 1 and resources == {"num_cpus": 1.0} and threads == 2
 
 
 def test_scores_on_a_ray_of_one_cpu(tmp_path, tiny_bundle, synthetic_patches):

@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -464,7 +465,7 @@ def _actor_pool(**size: int) -> ray.data.ActorPoolStrategy:
 
 
 def _resources(
-    cfg: ScoreConfig,
+    cfg: ScoreConfig, blocks: int | None = None
 ) -> tuple[str, ray.data.ActorPoolStrategy, dict[str, Any], int]:
     """(device, the actor pool, per-actor Ray resources, torch threads per actor) for this job.
 
@@ -480,7 +481,8 @@ def _resources(
     by side beat one actor running several threads: a multi-threaded inversion waits at every
     kernel for its slowest thread, and the readers and Ray's own processes take a core from it
     at random (2 cores, demo preset: 79 against 50 patches/s after the first batch).
-    ``score.num_actors`` overrides the count; the actors then share the CPUs' threads.
+    No more CPU actors than the job has ``blocks`` to score (an idle actor costs its start-up);
+    ``score.num_actors`` overrides the count. Fewer actors share the CPUs' threads.
     """
     gpus, reachable = cluster_gpus()
     if cfg.device == "cuda" or (cfg.device == "auto" and reachable > 0):
@@ -493,10 +495,10 @@ def _resources(
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0)
     if nodes <= 1:
-        actors = cfg.num_actors or cpus
+        actors = cfg.num_actors or min(cpus, blocks or cpus)
         ask = min(1.0, (cpus - 1) / actors)
     else:
-        actors = cfg.num_actors or cpus - 1
+        actors = cfg.num_actors or max(1, min(cpus - 1, blocks or cpus))
         ask = 1.0
     threads = max(1, cpus // actors)
     return "cpu", _actor_pool(size=actors), {"num_cpus": ask}, threads
@@ -578,7 +580,9 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         batch = {name: _column_to_numpy(table[name]) for name in table.column_names}
         return prepare_batch(batch, cfg.splits)
 
-    device, pool, resources, threads = _resources(cfg)
+    # blocks of about two scoring batches (below)
+    blocks = max(1, math.ceil(to_score / (2 * cfg.batch_size)))
+    device, pool, resources, threads = _resources(cfg, blocks)
     actors = pool.min_size
     staging = storage.join(_staging(out, key), uuid.uuid4().hex[:12])
     out_fs, staging_path = storage.arrow_filesystem(staging)
