@@ -87,6 +87,7 @@ log = logging.getLogger(__name__)
 META_COLUMNS = tuple(c for c in PATCH_COLUMNS if c != "pixels")
 _MISSING = {"label": -1, "volume_label": -1, "spacing_source": ""}  # columns older tables lack
 REJECT_REASON = "reject_reason"  # internal column: "" for a scored row
+BATCHES_PER_BLOCK = 2  # scoring batches per block handed to an actor (see score)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,8 +581,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         batch = {name: _column_to_numpy(table[name]) for name in table.column_names}
         return prepare_batch(batch, cfg.splits)
 
-    # blocks of about two scoring batches (below)
-    blocks = max(1, math.ceil(to_score / (2 * cfg.batch_size)))
+    blocks = max(1, math.ceil(to_score / (BATCHES_PER_BLOCK * cfg.batch_size)))
     device, pool, resources, threads = _resources(cfg, blocks)
     actors = pool.min_size
     staging = storage.join(_staging(out, key), uuid.uuid4().hex[:12])
@@ -598,7 +598,9 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     # so staged files follow rows_per_file and a killed job loses little finished work.
     context = ray.data.DataContext.get_current()
     saved_block_size = context.target_max_block_size
-    context.target_max_block_size = 2 * cfg.batch_size * (PATCH_SIZE * PATCH_SIZE + 256)
+    context.target_max_block_size = (
+        BATCHES_PER_BLOCK * cfg.batch_size * (PATCH_SIZE * PATCH_SIZE + 256)
+    )
     scoring_started = time.perf_counter()
     try:
         with logged_progress(to_score, log, verb="scored", unit="patches") as progress:
