@@ -232,6 +232,37 @@ def test_patch_ids_stay_unique_for_images_near_the_patch_size(tmp_path, side, sp
         assert len(ids) <= (side - 64 + 1) ** 2
 
 
+def test_images_smaller_than_a_patch_are_enlarged_not_rejected(tmp_path):
+    """A 28 x 28 digit (and its mask) becomes one 64 x 64 patch with the digit's content; a
+    28 x 40 image keeps its aspect (64 x 91) and is covered by the grid."""
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255  # a "1"
+    mask = np.zeros((28, 28), np.uint8)
+    mask[6:10, 12:16] = 1  # its top is the defect
+    Image.fromarray(digit).save(tmp_path / "one.png")
+    np.save(tmp_path / "one_mask.npy", mask)
+    record = {
+        **_record(str(tmp_path / "one.png"), None, "test", modality="image", spacing=None),
+        "mask_path": str(tmp_path / "one_mask.npy"),
+    }
+    result = retina.preprocess_volume(record, PreprocessConfig())
+    assert result.num_patches == 1
+    patch = decode_pixels(result.columns["pixels"][0])
+    assert patch.shape == (SIZE, SIZE)
+    expected = retina.enlarge_to_patch(retina.normalize_volume(digit[None]), SIZE)[0][0]
+    assert np.abs(patch - expected).max() <= 1 / 127.5 + 1e-6
+    assert patch[:, 40:].max() < -0.9 and patch[16:48, 28:36].min() > 0.9  # the stroke, in place
+    assert result.columns["label"][0] == 1
+    assert result.columns["anomaly_fraction"][0] == pytest.approx(16 / 784, abs=0.01)
+    geometry = result.geometry[0]
+    assert geometry.y_scale == pytest.approx(28 / 64) and geometry.x_scale == pytest.approx(28 / 64)
+
+    Image.fromarray(np.tile(digit, (1, 2))[:, :40]).save(tmp_path / "wide.png")
+    wide = _record(str(tmp_path / "wide.png"), None, "test", modality="image", spacing=None)
+    result = retina.preprocess_volume(wide, PreprocessConfig(grid_stride=32))
+    assert set(result.columns["y"]) == {0} and set(result.columns["x"]) == {0, 27}
+
+
 def test_normalization_maps_to_unit_range():
     rng = np.random.default_rng(0)
     volume = rng.gamma(2.0, 20.0, size=(2, 80, 90)).astype(np.float32)

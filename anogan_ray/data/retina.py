@@ -25,8 +25,10 @@ The steps, in order, for a volume ``(n_bscans, height, width)``:
      to the band's / frame's edge so nothing is left uncovered.
 
 Modality ``image`` skips resampling, segmentation and flattening: the whole (gray) frame is the
-"retina". :class:`BscanGeometry` maps a patch back to the original B-scan: original column
-``(x + 0.5) * x_scale - 0.5`` and original row ``y - shift[x]``.
+"retina". A frame smaller than a patch (a 28 x 28 digit) is first enlarged, aspect kept, until
+its shorter side is one patch (:func:`enlarge_to_patch`). :class:`BscanGeometry` maps a patch back
+to the original B-scan: original column ``(x + 0.5) * x_scale - 0.5`` and original row
+``(y - shift[x] + 0.5) * y_scale - 0.5`` (``y_scale`` is 1 except for enlarged images).
 """
 
 from __future__ import annotations
@@ -116,6 +118,35 @@ def resample_x(
         volume, new_shape, order=1, mode="edge", anti_aliasing=True, preserve_range=True
     )
     return resampled.astype(np.result_type(volume.dtype, np.float32), copy=False)
+
+
+def enlarge_to_patch(
+    volume: np.ndarray, patch_size: int, nearest: bool = False
+) -> tuple[np.ndarray, float, float]:
+    """Enlarge ``(n, height, width)`` frames whose shorter side is below ``patch_size`` until it
+    is one patch, aspect kept (bilinear for images, nearest for masks); larger frames unchanged.
+
+    Returns:
+        The frames and ``(y_scale, x_scale)``, original rows / columns per new row / column.
+    """
+    _, height, width = volume.shape
+    if min(height, width) >= patch_size:
+        return volume, 1.0, 1.0
+    factor = patch_size / min(height, width)
+    shape = (
+        volume.shape[0],
+        max(patch_size, int(round(height * factor))),
+        max(patch_size, int(round(width * factor))),
+    )
+    enlarged = resize(
+        volume,
+        shape,
+        order=0 if nearest else 1,
+        mode="edge",
+        anti_aliasing=False,
+        preserve_range=True,
+    ).astype(volume.dtype, copy=False)
+    return enlarged, height / shape[1], width / shape[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,9 +432,10 @@ class BscanGeometry:
     bscan: int
     x_scale: float  # original columns per resampled column
     bm_row: int  # the row BM was moved to (-1 for modality image)
-    shifts: np.ndarray  # (width,) int32: original row = flattened row - shifts[x]
+    shifts: np.ndarray  # (width,) int32: unscaled row = flattened row - shifts[x]
     ilm: np.ndarray  # (width,) float32 ILM row in the resampled (unflattened) frame
     bm: np.ndarray  # (width,) float32 BM row in the resampled (unflattened) frame
+    y_scale: float = 1.0  # original rows per row (an enlarged image's; OCT rows keep their size)
 
 
 @dataclass
@@ -563,14 +595,18 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
     image = normalize_volume(raw)
     lap("normalize")
 
-    n_bscans, height, width = image.shape
-    x_scale = 1.0
+    x_scale = y_scale = 1.0
     if is_oct:
+        width = image.shape[-1]
         image = resample_x(image, spacing, cfg.target_spacing_um)
         x_scale = width / image.shape[-1]
         if mask is not None:
             mask = resample_x(mask, spacing, cfg.target_spacing_um, nearest=True)
-        width = image.shape[-1]
+    else:
+        image, y_scale, x_scale = enlarge_to_patch(image, size)
+        if mask is not None:
+            mask = enlarge_to_patch(mask, size, nearest=True)[0]
+    n_bscans, height, width = image.shape
     if height < size or width < size:
         raise VolumeError(
             f"wrong dimensions: B-scan {height} x {width} (after resampling) is smaller than the "
@@ -630,7 +666,9 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
                 annotated = flat_mask[y : y + size, x : x + size] != 0
                 out["label"].append(int(annotated.any()))
                 out["anomaly_fraction"].append(float(annotated.mean()))
-        geometry.append(BscanGeometry(index, x_scale, bm_row, shifts[index], ilm[index], bm[index]))
+        geometry.append(
+            BscanGeometry(index, x_scale, bm_row, shifts[index], ilm[index], bm[index], y_scale)
+        )
         lap("patch")
 
     count = len(out["y"])

@@ -11,7 +11,7 @@ Output layout of :func:`preprocess` under the stage folder ``out`` (local or ``s
   where the data allows). Read it back with :func:`anogan_ray.tables.read_patch_table`, which restores ``split``.
 * ``out/rejects/rejects.parquet``: one row per volume that could not be used (``source``,
   ``volume_id``, ``reason``); always written, empty when nothing was rejected.
-* ``out/geometry/<hash of volume_id>.parquet``: per B-scan, the x scale and the per-column
+* ``out/geometry/<hash of volume_id>.parquet``: per B-scan, the x and y scales and the per-column
   flattening shift that map a patch back to the original B-scan, and the ILM / BM used (see
   :class:`anogan_ray.data.retina.BscanGeometry`); one file per volume, written by the task that
   preprocessed it, so the driver never holds the cohort's geometry (read the folder as one table).
@@ -86,6 +86,7 @@ def _geometry_table(volume_id: str, geometry: list) -> pa.Table:
             "volume_id": pa.array([volume_id] * len(geometry), pa.string()),
             "bscan": pa.array([g.bscan for g in geometry], pa.int32()),
             "x_scale": pa.array([g.x_scale for g in geometry], pa.float64()),
+            "y_scale": pa.array([g.y_scale for g in geometry], pa.float64()),
             "bm_row": pa.array([g.bm_row for g in geometry], pa.int32()),
             "shift": pa.array([g.shifts.tolist() for g in geometry], pa.list_(pa.int32())),
             "ilm": pa.array([g.ilm.round(2).tolist() for g in geometry], pa.list_(pa.float32())),
