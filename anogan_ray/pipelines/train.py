@@ -77,6 +77,9 @@ _STATE_FILE = "state.pt"  # tensors and plain containers only (loaded with weigh
 _META_FILE = "meta.json"  # model config, data fingerprint, step: checked before resuming
 _SHUFFLE_BUFFER = 1024  # rows in each worker's local shuffle buffer (on top of the global shuffle)
 _QUALITY_SAMPLES = 512  # real and generated patches of the generative-quality figure
+# Ray Train's controller takes one report per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) and a
+# worker reporting sooner waits for it: epochs shorter than this report only every few epochs
+_REPORT_INTERVAL_S = 2.0
 _PCA_SAMPLES = 20_000  # training patches the PCA baseline is fitted on (at most)
 
 
@@ -440,17 +443,47 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     train_started = epoch_started = time.monotonic()
     epochs = math.ceil(total_steps / steps_per_epoch)
 
+    last_report = time.monotonic()
+
     def report(
         epoch_done: float,
         with_checkpoint: bool,
         final: bool,
         evaluate: bool,
         quality: float | None = None,
+        optional: bool = False,
     ) -> None:
-        totals = sums.clone()
+        """Log the epoch's line (``evaluate``) and report to Ray Train (a collective: every rank
+        calls it at the same steps). An ``optional`` report (an epoch's end, outside Tune and
+        between checkpoint steps) is made only when rank 0 last reported ``_REPORT_INTERVAL_S``
+        ago; otherwise its metrics carry over to the next report."""
+        nonlocal last_report
+        due = not optional or (rank == 0 and time.monotonic() - last_report >= _REPORT_INTERVAL_S)
+        totals = torch.cat([sums.flatten(), sums.new_tensor([float(due)])])
         if world_size > 1:
-            torch.distributed.all_reduce(totals)
-        since_report, this_epoch = totals.tolist()
+            torch.distributed.all_reduce(totals)  # rank 0's decision reaches every rank
+        due = bool(totals[-1] > 0)
+        since_report, this_epoch = totals[:-1].view_as(sums).tolist()
+        if evaluate and this_epoch[-1] > 0:
+            sums[1] = 0
+            if rank == 0:
+                now = time.monotonic()
+                seconds_per_step = (now - train_started) / max(step - start_step, 1)
+                epoch_means = [value / this_epoch[-1] for value in this_epoch[:-1]]
+                line = epoch_line(
+                    run_name(cfg, recipe),
+                    math.ceil(epoch_done),
+                    epochs,
+                    step,
+                    total_steps,
+                    dict(zip(recipe.metric_names, epoch_means)),
+                    epoch_seconds=now - epoch_started,
+                    seconds_left=seconds_per_step * (total_steps - step),
+                    quality=quality,
+                )
+                log.info(line)
+        if not due:
+            return
         means = [value / max(since_report[-1], 1) for value in since_report[:-1]]
         metrics: dict[str, Any] = {"step": step, "epoch": epoch_done, "start_step": start_step}
         metrics.update(zip(recipe.metric_names, means))
@@ -483,24 +516,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
         else:
             ray.train.report(metrics)
-        if evaluate and this_epoch[-1] > 0:  # the epoch's line, once its checkpoint is taken
-            sums[1] = 0
-            if rank == 0:
-                now = time.monotonic()
-                seconds_per_step = (now - train_started) / max(step - start_step, 1)
-                epoch_means = [value / this_epoch[-1] for value in this_epoch[:-1]]
-                line = epoch_line(
-                    run_name(cfg, recipe),
-                    math.ceil(epoch_done),
-                    epochs,
-                    step,
-                    total_steps,
-                    dict(zip(recipe.metric_names, epoch_means)),
-                    epoch_seconds=now - epoch_started,
-                    seconds_left=seconds_per_step * (total_steps - step),
-                    quality=quality,
-                )
-                log.info(line)
+        last_report = time.monotonic()
 
     first_epoch = step // steps_per_epoch
     for epoch in range(first_epoch, train_cfg.epochs):
@@ -536,13 +552,15 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 quality = _record_generative_quality(
                     out, epoch + 1, step, generator, preview_z, config["reference_pixels"]
                 )
-            if end_of_epoch or final or step % train_cfg.checkpoint_every == 0:
+            checkpoint_due = step % train_cfg.checkpoint_every == 0
+            if end_of_epoch or final or checkpoint_due:
                 report(
                     step / steps_per_epoch,
                     with_checkpoint=True,
                     final=final,
                     evaluate=end_of_epoch or final,
                     quality=quality,
+                    optional=not (final or checkpoint_due or epoch_end is not None),
                 )
     if start_step >= total_steps:  # nothing left to train: the run had already finished
         report(step / steps_per_epoch, with_checkpoint=False, final=True, evaluate=True)
