@@ -108,10 +108,6 @@ class TrainConfig:
     objective: str = _choices("gan", "wgan-gp", default="gan")  # the GAN's loss: eq. (1) of the
     # paper, or f-AnoGAN's WGAN-GP (needs model.d_norm spectral or layer: no BatchNorm in D)
     n_critic: int = _at_least(1, 5)  # wgan-gp: D (critic) updates per G update
-    augment: str = _choices("none", "translation", "diff", default="none")  # gan: D sees real
-    # and generated patches through the same random differentiable transforms (DiffAugment:
-    # translation; diff: brightness, contrast, translation, cutout), against D memorizing a
-    # small training set
     gradient_penalty: float = _at_least(0.0, 10.0)  # wgan-gp: weight of the gradient penalty
     num_workers: int = _at_least(1, 1)  # DDP workers
     use_gpu: bool = False  # one GPU per worker (NCCL) instead of CPU (gloo)
@@ -280,8 +276,6 @@ def config_from_dict(data: dict[str, Any]) -> Config:
             "train.objective: 'wgan-gp' penalizes D's gradient per patch, which BatchNorm mixes "
             "across the batch; set model.d_norm to 'layer' (f-AnoGAN) or 'spectral'"
         )
-    if built["train"].objective == "wgan-gp" and built["train"].augment != "none":
-        raise ConfigError("train.augment is for train.objective 'gan'; set it to 'none'")
     return Config(**built)
 
 

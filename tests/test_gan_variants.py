@@ -1,5 +1,4 @@
-"""The GAN variants behind options: D's normalization (model.d_norm), WGAN-GP (train.objective)
-and DiffAugment (train.augment).
+"""The GAN variants behind options: D's normalization (model.d_norm) and WGAN-GP (train.objective).
 
 The defaults are the paper's DCGAN; each variant must build, train a step, survive the bundle
 round trip, and leave the encoder and the aCAE baseline as they are.
@@ -13,7 +12,7 @@ import torch
 from anogan_ray.config import ConfigError, load_config
 from anogan_ray.core.baselines import build_acae
 from anogan_ray.core.model import Encoder, build_models, load_bundle, save_bundle
-from anogan_ray.core.recipes import GAN, diff_augment
+from anogan_ray.core.recipes import GAN
 
 
 def _config(*overrides: str):
@@ -114,42 +113,3 @@ def test_bf16_training_steps_learn_and_keep_fp32_weights(synthetic_patches, obje
     assert any(not torch.equal(before[k], after[k]) for k in before)
     if objective == "gan":  # D tells real (d_real, column 2) from generated (d_fake, column 3)
         assert metrics[-5:, 2].mean() > metrics[-5:, 3].mean() + 0.1
-
-
-def test_diff_augment_is_a_random_differentiable_view_of_the_patch():
-    """Each patch gets its own brightness, contrast, shift and cutout; gradients reach x; the
-    same seed gives the same views; it refuses wgan-gp rather than doing nothing there."""
-    x = torch.linspace(-1, 1, 64).repeat(64, 1).expand(8, 1, 64, 64).clone().requires_grad_()
-    torch.manual_seed(0)
-    first = diff_augment(x)
-    torch.manual_seed(0)
-    assert torch.equal(first, diff_augment(x))
-    assert first.shape == x.shape
-    assert not torch.allclose(first[0], first[1])  # one draw per patch, not per batch
-    cut = (first == 0).flatten(1).float().mean(1)  # a half-side square, maybe partly outside
-    assert (cut >= 1 / 16).all() and (cut < 0.6).all()
-    first.sum().backward()
-    assert x.grad.abs().sum() > 0
-    with pytest.raises(ConfigError, match="train.augment"):
-        _config("train.objective=wgan-gp", "model.d_norm=layer", "train.augment=diff")
-
-
-def test_augmented_gan_steps_learn(synthetic_patches):
-    """train.augment=diff: D still learns to tell real from generated patches (through the
-    augmentations), and G's weights move."""
-    cfg = _config("train.augment=diff")
-    real = torch.from_numpy(synthetic_patches(256, seed=5)).float()[:, None]
-    torch.manual_seed(0)
-    modules = GAN.build(cfg.model, 0)
-    optimizers = GAN.optimizers(modules, cfg.train)
-    before = {k: v.clone() for k, v in modules["generator"].state_dict().items()}
-    metrics = torch.stack(
-        [
-            GAN.step(modules, optimizers, real[(i * 32) % 256 :][:32], cfg.model, cfg.train)
-            for i in range(30)
-        ]
-    )
-    assert torch.isfinite(metrics).all()
-    after = modules["generator"].state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert metrics[-5:, 2].mean() > metrics[-5:, 3].mean() + 0.1

@@ -13,7 +13,6 @@ under the module's name), resume, failure handling, progress and reports.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,43 +60,6 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------
 
 
-def diff_augment(x: torch.Tensor, policy: str = "diff") -> torch.Tensor:
-    """DiffAugment (Zhao et al. 2020) for gray patches, differentiable in ``x``: per patch a
-    translation by up to 1/8 of the side (zeros shifted in); with ``policy`` ``diff`` also,
-    before it, a random brightness shift (±0.25 of the [-1, 1] range) and contrast (x0.5-1.5
-    about its mean), and after it a cutout (a half-side square set to 0). Random draws come from
-    torch's global generator.
-
-    Args:
-        x: (B, 1, H, W).
-        policy: ``translation`` or ``diff``.
-    """
-    batch, _, height, width = x.shape
-    device = x.device
-    if policy == "diff":
-        x = x + (torch.rand(batch, 1, 1, 1, device=device) - 0.5)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * (torch.rand(batch, 1, 1, 1, device=device) + 0.5) + mean
-
-    def offsets(size: int, reach: int) -> torch.Tensor:  # (B, size) shifted pixel indices
-        shift = torch.randint(-reach, reach + 1, (batch, 1), device=device)
-        return (torch.arange(size, device=device) + shift).clamp(-1, size) + 1
-
-    rows = offsets(height, height // 8)[:, :, None]  # (B, H, 1) into the padded frame
-    columns = offsets(width, width // 8)[:, None, :]  # (B, 1, W)
-    padded = F.pad(x[:, 0], (1, 1, 1, 1))  # (B, H + 2, W + 2), zeros around
-    x = padded[torch.arange(batch, device=device)[:, None, None], rows, columns][:, None]
-    if policy != "diff":
-        return x
-
-    def outside(size: int) -> torch.Tensor:  # (B, size): pixels outside the cutout's span
-        centre = torch.randint(0, size, (batch, 1), device=device)
-        return (torch.arange(size, device=device) - centre).abs() >= size // 4
-
-    keep = outside(height)[:, :, None] | outside(width)[:, None, :]  # (B, H, W)
-    return x * keep[:, None].to(x.dtype)
-
-
 def gan_step(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -105,7 +67,6 @@ def gan_step(
     optimizer_d: torch.optim.Optimizer,
     real: torch.Tensor,
     model_cfg: ModelConfig,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One adversarial update of D, then of G, on a batch of real patches.
 
@@ -113,8 +74,6 @@ def gan_step(
 
     Args:
         real: (B, 1, 64, 64) patches in [-1, 1], on the models' device.
-        augment: applied to every batch D sees, real and generated, in both updates
-            (``train.augment`` → :func:`diff_augment`); None: D sees the patches.
 
     Returns:
         A detached (4,) tensor: D's loss, G's loss, mean D(x), mean D(G(z)) before D's update.
@@ -122,16 +81,15 @@ def gan_step(
     batch_size = real.shape[0]
     real_target = torch.ones(batch_size, device=real.device)
     fake_target = torch.zeros(batch_size, device=real.device)
-    seen = augment or (lambda x: x)  # what D sees of a batch
 
     # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
     optimizer_d.zero_grad(set_to_none=True)
-    real_logits = discriminator(seen(real))  # (B,)
+    real_logits = discriminator(real)  # (B,)
     loss_d_real = F.binary_cross_entropy_with_logits(real_logits, real_target)
     loss_d_real.backward()
     z = sample_latent(batch_size, model_cfg, device=real.device)  # (B, latent_dim)
     fake = generator(z)  # (B, 1, 64, 64)
-    fake_logits = discriminator(seen(fake.detach()))
+    fake_logits = discriminator(fake.detach())
     loss_d_fake = F.binary_cross_entropy_with_logits(fake_logits, fake_target)
     loss_d_fake.backward()
     optimizer_d.step()
@@ -141,7 +99,7 @@ def gan_step(
     # D runs outside its DDP wrapper with frozen weights: only G's gradients are synced.
     optimizer_g.zero_grad(set_to_none=True)
     plain_discriminator = unwrap(discriminator).requires_grad_(False)
-    loss_g = F.binary_cross_entropy_with_logits(plain_discriminator(seen(fake)), real_target)
+    loss_g = F.binary_cross_entropy_with_logits(plain_discriminator(fake), real_target)
     loss_g.backward()
     plain_discriminator.requires_grad_(True)
     optimizer_g.step()
@@ -167,10 +125,7 @@ def _gan_recipe_step(
 ) -> torch.Tensor:
     models = (m["generator"], m["discriminator"], o["generator"], o["discriminator"], real, cfg)
     if train_cfg.objective == "gan":
-        augment = None
-        if train_cfg.augment != "none":
-            augment = functools.partial(diff_augment, policy=train_cfg.augment)
-        return gan_step(*models, augment)
+        return gan_step(*models)
     return wgan_gp_step(*models, train_cfg, unwrap(m["discriminator"]))
 
 
