@@ -15,7 +15,10 @@ exports the model bundle. Layout of the stage folder ``out``:
     out/_runs/<run_name>-acae/checkpoint_<step>/    ... of the aCAE
 
 Re-running with the same ``train.run_name`` resumes from the last checkpoint; a worker that
-dies is restarted from it (``train.max_failures``).
+dies is restarted from it (``train.max_failures``). Checkpoints are taken every
+``train.checkpoint_every`` steps, at the last step, and at an epoch's end when the last one is
+at least 2 s old (every epoch's end in a Tune trial; Ray Train takes one report per controller
+poll and short epochs would wait for it).
 
 After every epoch rank 0 logs one line (:func:`anogan_ray.pipelines.progress.epoch_line`): the
 epoch and step, the recipe's step metrics averaged over the epoch, the generative quality, the
