@@ -249,7 +249,7 @@ def test_images_smaller_than_a_patch_are_enlarged_not_rejected(tmp_path):
     assert result.num_patches == 1
     patch = decode_pixels(result.columns["pixels"][0])
     assert patch.shape == (SIZE, SIZE)
-    expected = retina.enlarge_to_patch(retina.normalize_volume(digit[None]), SIZE)[0][0]
+    expected = retina.enlarge_to_patch(digit[None] / 127.5 - 1, SIZE)[0][0]
     assert np.abs(patch - expected).max() <= 1 / 127.5 + 1e-6
     assert patch[:, 40:].max() < -0.9 and patch[16:48, 28:36].min() > 0.9  # the stroke, in place
     assert result.columns["label"][0] == 1
@@ -261,6 +261,29 @@ def test_images_smaller_than_a_patch_are_enlarged_not_rejected(tmp_path):
     wide = _record(str(tmp_path / "wide.png"), None, "test", modality="image", spacing=None)
     result = retina.preprocess_volume(wide, PreprocessConfig(grid_stride=32))
     assert set(result.columns["y"]) == {0} and set(result.columns["x"]) == {0, 27}
+
+
+def test_8_bit_images_keep_their_gray_scale(tmp_path):
+    """A bright scratch on an 8-bit photograph leaves the rest of it as it was (a per-image
+    stretch would dim it); a 16-bit image, whose range the file does not fix, is stretched."""
+    rng = np.random.default_rng(3)
+    photo = rng.integers(60, 180, size=(96, 96), dtype=np.uint8)
+    scratched = photo.copy()
+    scratched[40:43, 10:60] = 255
+    patches = []
+    for name, image in (("photo", photo), ("scratched", scratched)):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+        record = _record(
+            str(tmp_path / f"{name}.png"), None, "test", modality="image", spacing=None
+        )
+        result = retina.preprocess_volume(record, PreprocessConfig())
+        patches.append(decode_pixels(result.columns["pixels"][0]))
+    assert np.abs(patches[0] - (photo[:64, :64] / 127.5 - 1)).max() <= 1 / 127.5 + 1e-6
+    untouched = np.ones((64, 64), bool)
+    untouched[40:43, 10:60] = False
+    assert np.abs(patches[0] - patches[1])[untouched].max() <= 1 / 127.5 + 1e-6
+    wide = (photo.astype(np.uint16) * 200)[None]
+    assert retina.normalize_image(wide).min() == -1.0 and retina.normalize_image(wide).max() == 1.0
 
 
 def test_normalization_maps_to_unit_range():

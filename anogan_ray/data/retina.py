@@ -4,7 +4,8 @@ The steps, in order, for a volume ``(n_bscans, height, width)``:
 
 1. :func:`normalize_volume`: gray values to [-1, 1] by a robust per-volume min-max: the 0.5th and
    99.5th percentiles of all the volume's voxels map to -1 and 1, values beyond are clipped (a few
-   saturated speckles or a dark frame border do not stretch the range).
+   saturated speckles or a dark frame border do not stretch the range). Modality ``image``:
+   :func:`normalize_image` (8-bit frames keep their gray scale).
 2. :func:`resample_x`: each B-scan resampled along x to ``target_spacing_um`` (22 µm) per column
    with scikit-image: anti-aliased linear interpolation for images, nearest neighbour for masks
    (labels stay labels).
@@ -75,6 +76,16 @@ def normalize_volume(
         raise VolumeError("constant image")
     scaled = (values - low) * (2.0 / (high - low)) - 1.0
     return np.clip(scaled, -1.0, 1.0, out=scaled)
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+    """Modality ``image``: an 8-bit frame keeps its gray scale (0 → -1, 255 → 1), so a defect's
+    brightness stays a brightness instead of re-stretching the rest of its image (a per-image
+    stretch lets a bright scratch covering 1 % of a photograph dim everything else); other bit
+    depths and floats, whose range the file does not fix, as :func:`normalize_volume`."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) * np.float32(2 / 255) - 1
+    return normalize_volume(image)
 
 
 def resampled_width(width: int, spacing_x_um: float, target_spacing_um: float) -> int:
@@ -592,7 +603,7 @@ def preprocess_volume(record: dict[str, Any], cfg: PreprocessConfig) -> VolumePa
     volume_label = _volume_label(record.get("label"), mask, annotated_bscans)
     lap("read")
 
-    image = normalize_volume(raw)
+    image = normalize_volume(raw) if is_oct else normalize_image(raw)
     lap("normalize")
 
     x_scale = y_scale = 1.0
