@@ -157,16 +157,9 @@ def run_job(
     return summary
 
 
-def core_cpu_ms_per_patch(model_cfg, n: int, steps: int, batch_size: int) -> float:
-    """CPU milliseconds per patch of :func:`score_patches` alone (in-process, one torch thread, as
-    each CPU scoring actor runs it) on the growth runs' patches and settings: what the job would
-    cost without Ray, reading or writing."""
-    folder = tempfile.mkdtemp(prefix="bench_core_")
-    try:
-        write_table(folder, n)
-        table = pq.read_table(f"{folder}/split=test")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def _core_cpu_seconds(folder: str, model_cfg, steps: int, batch_size: int) -> tuple[float, int]:
+    """CPU seconds of :func:`score_patches` (one torch thread) over the table in ``folder``."""
+    table = pq.read_table(f"{folder}/split=test")
     pixels = pixels_from_column(table["pixels"])
     ids = table["patch_id"].to_pylist()
     models = build_models(model_cfg, seed=0)
@@ -174,10 +167,35 @@ def core_cpu_ms_per_patch(model_cfg, n: int, steps: int, batch_size: int) -> flo
         module.eval().requires_grad_(False)
     torch.set_num_threads(1)
     started = time.process_time()
-    for i in range(0, n, batch_size):
+    for i in range(0, len(ids), batch_size):
         batch = torch.from_numpy(decode_pixels(pixels[i : i + batch_size]))[:, None]
         score_patches(models, batch, ids[i : i + batch_size], steps=steps, z_lr=0.05)
-    return 1e3 * (time.process_time() - started) / n
+    return time.process_time() - started, len(ids)
+
+
+def core_cpu_ms_per_patch(
+    model_cfg, n: int, steps: int, batch_size: int, processes: int = 1
+) -> float:
+    """CPU milliseconds per patch of :func:`score_patches` alone (one torch thread, as each CPU
+    scoring actor runs it) on the growth runs' patches and settings: what the job would cost
+    without Ray, reading or writing. With ``processes`` > 1, that many processes score the
+    patches at once (as the job's actors do, sharing the cores' caches and memory bandwidth) and
+    the mean over them is returned."""
+    import multiprocessing
+
+    folder = tempfile.mkdtemp(prefix="bench_core_")
+    try:
+        write_table(folder, n)
+        if processes == 1:
+            seconds, count = _core_cpu_seconds(folder, model_cfg, steps, batch_size)
+            return 1e3 * seconds / count
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            runs = pool.starmap(
+                _core_cpu_seconds, [(folder, model_cfg, steps, batch_size)] * processes
+            )
+        return 1e3 * sum(seconds for seconds, _ in runs) / sum(count for _, count in runs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def exactly_once(out: str, n: int) -> dict:
@@ -278,6 +296,7 @@ def main() -> None:
                 "wall_seconds": summary["wall_seconds"],
                 "ms_per_patch": round(1e3 * summary["wall_seconds"] / n, 4),
                 "patches_per_s": summary["patches_per_s"],
+                "actors": summary["actors"],
                 "cpu_ms_per_patch": round(1e3 * summary["cpu_seconds"] / n, 4),
                 "peak_memory_gib": summary["peak_memory_gib"],
                 "table": exactly_once(f"{work}/out_{n}", n),
@@ -301,6 +320,12 @@ def main() -> None:
             shutil.rmtree(patches, ignore_errors=True)
         core = core_cpu_ms_per_patch(tiny, args.core_patches, args.growth_steps, 256)
         result["core_cpu_ms_per_patch"] = round(core, 4)
+        actors = growth[-1]["actors"]  # the same work, as many processes at once as actors
+        concurrent = core_cpu_ms_per_patch(
+            tiny, args.core_patches, args.growth_steps, 256, processes=actors
+        )
+        result["core_cpu_ms_per_patch_concurrent"] = round(concurrent, 4)
+        result["core_concurrent_processes"] = actors
         for row in growth:  # CPU spent outside score_patches: Ray, reading, validation, writing
             row["overhead_cpu_ms_per_patch"] = round(row["cpu_ms_per_patch"] - core, 4)
         first, last = growth[0], growth[-1]
@@ -310,6 +335,8 @@ def main() -> None:
             - first["cpu_ms_per_patch"] * first["patches"]
         ) / (last["patches"] - first["patches"])
         result["marginal_overhead_cpu_ms_per_patch"] = round(marginal - core, 4)
+        # the same against the core run as the actors run it (contention is not Ray's overhead)
+        result["marginal_overhead_vs_concurrent_core"] = round(marginal - concurrent, 4)
         result["growth_ratios"] = {
             "patches": last["patches"] / first["patches"],
             "ms_per_patch": round(last["ms_per_patch"] / first["ms_per_patch"], 3),
