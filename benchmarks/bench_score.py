@@ -10,7 +10,10 @@
    (driver, Ray services, workers); the score table is checked with DuckDB (every patch once).
    CPU: the CPU seconds of the job's whole process tree per patch, against those of
    :func:`score_patches` alone in-process on the same patches; the difference is the pipeline's
-   overhead per patch (Ray, reading, validation, writing, commit).
+   overhead per patch (Ray, reading, validation, writing, commit). The CPU is also split by kind
+   of process (driver, scoring actors, other Ray workers, Ray's services) and measured "steady":
+   between the first and the last staged file, so that start-up (worker imports, model loading)
+   is left out.
 3. Resume: the largest size is scored again by a job killed once its staged files hold
    ``--kill-at`` of the patches, then resumed; the table is checked the same way.
 """
@@ -70,11 +73,31 @@ def write_table(folder: str, n: int, rows_per_file: int = 50_000, row_group: int
         pq.write_table(table, path, row_group_size=row_group)
 
 
-def _memory(root: psutil.Process, cpu: dict[int, float]) -> dict[str, int]:
+def _process_kind(process: psutil.Process, root: psutil.Process) -> str:
+    """Which part of the job a process is, for the CPU breakdown."""
+    if process.pid == root.pid:
+        return "driver"
+    name = " ".join(process.cmdline())
+    if "PatchScorer" in name:
+        return "scoring_actors"
+    if name.startswith("ray::"):
+        return "other_ray_workers"  # read, prepare and write tasks; Ray's own actors
+    return "ray_services"  # raylet, GCS, dashboard
+
+
+def _by_kind(cpu: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds so far by kind of process."""
+    totals: dict[str, float] = {}
+    for kind, seconds in cpu.values():
+        totals[kind] = totals.get(kind, 0.0) + seconds
+    return dict(sorted(totals.items()))
+
+
+def _memory(root: psutil.Process, cpu: dict[int, tuple[str, float]]) -> dict[str, int]:
     """Memory now of the job's driver, its largest Ray worker, all workers, and the whole tree:
     RSS, and USS (``*_uss``: pages the process alone holds, leaving out the object store's
     shared memory that RSS counts for every worker that touched it). Records each process's CPU
-    seconds so far in ``cpu`` (pid -> user + system)."""
+    seconds so far in ``cpu`` (pid -> (kind, user + system))."""
     now = dict.fromkeys(
         ("driver", "largest_worker", "workers", "tree", "driver_uss", "largest_worker_uss",
          "workers_uss", "tree_uss"), 0,
@@ -84,7 +107,7 @@ def _memory(root: psutil.Process, cpu: dict[int, float]) -> dict[str, int]:
             memory = process.memory_full_info()
             name = " ".join(process.cmdline()[:1])
             times = process.cpu_times()
-            cpu[process.pid] = times.user + times.system
+            cpu[process.pid] = (_process_kind(process, root), times.user + times.system)
         except psutil.Error:
             continue
         for suffix, value in (("", memory.rss), ("_uss", memory.uss)):
@@ -127,25 +150,24 @@ def run_job(
     )
     root = psutil.Process(job.pid)
     peak: dict[str, int] = {}
-    cpu: dict[int, float] = {}
+    cpu: dict[int, tuple[str, float]] = {}
+    window: list[tuple[int, dict[str, float]]] = []  # (staged files, CPU by kind) as files land
     while job.poll() is None:
         now = _memory(root, cpu)
         peak = {name: max(peak.get(name, 0), value) for name, value in now.items()}
-        if kill_after_rows is not None:
-            staged = [
-                os.path.join(d, f)
-                for d, _, files in os.walk(f"{out}/_staging")
-                for f in files
-                if f.endswith(".parquet")
-            ]
-            if len(staged) * cfg.rows_per_file >= kill_after_rows:
-                tree = [root, *root.children(recursive=True)]
-                for process in tree:
-                    with contextlib.suppress(psutil.Error):
-                        process.kill()
-                job.wait()
-                psutil.wait_procs(tree, timeout=30)
-                return None
+        staged = sum(
+            f.endswith(".parquet") for _, _, files in os.walk(f"{out}/_staging") for f in files
+        )
+        if staged and (not window or staged > window[-1][0]):
+            window.append((staged, _by_kind(cpu)))
+        if kill_after_rows is not None and staged * cfg.rows_per_file >= kill_after_rows:
+            tree = [root, *root.children(recursive=True)]
+            for process in tree:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            job.wait()
+            psutil.wait_procs(tree, timeout=30)
+            return None
         time.sleep(0.5)
     if job.returncode != 0:
         raise RuntimeError(f"score job failed with exit code {job.returncode}")
@@ -153,7 +175,16 @@ def run_job(
         summary = json.load(f)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     summary["peak_memory_gib"] = {name: round(value / 2**30, 3) for name, value in peak.items()}
-    summary["cpu_seconds"] = round(sum(cpu.values()), 2)  # the tree's, up to the last sample
+    summary["cpu_seconds"] = round(sum(seconds for _, seconds in cpu.values()), 2)  # the tree's
+    summary["cpu_seconds_by_kind"] = {k: round(v, 2) for k, v in _by_kind(cpu).items()}
+    if len(window) > 1:  # between the first and the last staged file seen: start-up excluded
+        (first_files, first_cpu), (last_files, last_cpu) = window[0], window[-1]
+        rows = (last_files - first_files) * cfg.rows_per_file
+        summary["steady_cpu_ms_per_patch_by_kind"] = {
+            kind: round(1e3 * (last_cpu[kind] - first_cpu.get(kind, 0.0)) / rows, 4)
+            for kind in last_cpu
+        }
+        summary["steady_window_patches"] = rows
     return summary
 
 
@@ -298,6 +329,12 @@ def main() -> None:
                 "patches_per_s": summary["patches_per_s"],
                 "actors": summary["actors"],
                 "cpu_ms_per_patch": round(1e3 * summary["cpu_seconds"] / n, 4),
+                "cpu_ms_per_patch_by_kind": {
+                    kind: round(1e3 * seconds / n, 4)
+                    for kind, seconds in summary["cpu_seconds_by_kind"].items()
+                },
+                "steady_cpu_ms_per_patch_by_kind": summary.get("steady_cpu_ms_per_patch_by_kind"),
+                "steady_window_patches": summary.get("steady_window_patches"),
                 "peak_memory_gib": summary["peak_memory_gib"],
                 "table": exactly_once(f"{work}/out_{n}", n),
             }
@@ -328,23 +365,27 @@ def main() -> None:
         result["core_concurrent_processes"] = actors
         for row in growth:  # CPU spent outside score_patches: Ray, reading, validation, writing
             row["overhead_cpu_ms_per_patch"] = round(row["cpu_ms_per_patch"] - core, 4)
+            if row["steady_cpu_ms_per_patch_by_kind"]:  # start-up excluded, against the core
+                steady = sum(row["steady_cpu_ms_per_patch_by_kind"].values())  # as actors run it
+                row["steady_overhead_cpu_ms_per_patch"] = round(steady - concurrent, 4)
         first, last = growth[0], growth[-1]
-        # the CPU one more patch costs beyond the core, start-up excluded (largest vs smallest)
-        marginal = (
-            last["cpu_ms_per_patch"] * last["patches"]
-            - first["cpu_ms_per_patch"] * first["patches"]
-        ) / (last["patches"] - first["patches"])
-        result["marginal_overhead_cpu_ms_per_patch"] = round(marginal - core, 4)
-        # the same against the core run as the actors run it (contention is not Ray's overhead)
-        result["marginal_overhead_vs_concurrent_core"] = round(marginal - concurrent, 4)
-        result["growth_ratios"] = {
-            "patches": last["patches"] / first["patches"],
-            "ms_per_patch": round(last["ms_per_patch"] / first["ms_per_patch"], 3),
-            **{
-                f"peak_{name}": round(value / max(first["peak_memory_gib"][name], 1e-9), 3)
-                for name, value in last["peak_memory_gib"].items()
-            },
-        }
+        if len(growth) > 1:  # growth needs two sizes
+            # the CPU one more patch costs beyond the core, start-up excluded (largest vs smallest)
+            marginal = (
+                last["cpu_ms_per_patch"] * last["patches"]
+                - first["cpu_ms_per_patch"] * first["patches"]
+            ) / (last["patches"] - first["patches"])
+            result["marginal_overhead_cpu_ms_per_patch"] = round(marginal - core, 4)
+            # the same against the core run as the actors run it (contention is not Ray's overhead)
+            result["marginal_overhead_vs_concurrent_core"] = round(marginal - concurrent, 4)
+            result["growth_ratios"] = {
+                "patches": last["patches"] / first["patches"],
+                "ms_per_patch": round(last["ms_per_patch"] / first["ms_per_patch"], 3),
+                **{
+                    f"peak_{name}": round(value / max(first["peak_memory_gib"][name], 1e-9), 3)
+                    for name, value in last["peak_memory_gib"].items()
+                },
+            }
         result["growth"] = growth
     finally:
         shutil.rmtree(work, ignore_errors=True)
