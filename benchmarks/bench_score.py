@@ -365,8 +365,8 @@ def main() -> None:
         result["core_concurrent_processes"] = actors
         for row in growth:  # CPU spent outside score_patches: Ray, reading, validation, writing
             row["overhead_cpu_ms_per_patch"] = round(row["cpu_ms_per_patch"] - core, 4)
-            if row["steady_cpu_ms_per_patch_by_kind"]:  # start-up excluded, against the core
-                steady = sum(row["steady_cpu_ms_per_patch_by_kind"].values())  # as actors run it
+            if row["steady_cpu_ms_per_patch_by_kind"]:  # start-up excluded; against the core
+                steady = sum(row["steady_cpu_ms_per_patch_by_kind"].values())  # run as the actors
                 row["steady_overhead_cpu_ms_per_patch"] = round(steady - concurrent, 4)
         first, last = growth[0], growth[-1]
         if len(growth) > 1:  # growth needs two sizes
