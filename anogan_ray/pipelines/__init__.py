@@ -9,6 +9,8 @@ import ray
 
 log = logging.getLogger(__name__)
 
+SPARE_WORKERS = 4  # idle Ray workers a local Ray keeps beyond one per CPU (see ensure_ray)
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the Ray cluster in ``RAY_ADDRESS`` (a job on a cluster), or start a local one.
@@ -23,5 +25,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Ray keeps idle workers up to one per CPU and kills the rest after a second; with every
+        # CPU held by a scoring actor, each read or write task then started a fresh worker (its
+        # imports cost ~0.06 ms of CPU a patch at 4x10^5 patches, benchmarks/bench_score.py).
+        # Keep a few spare ones, unless the user set the limit.
+        cpus = num_cpus or os.cpu_count() or 1
+        os.environ.setdefault("RAY_num_workers_soft_limit", str(cpus + SPARE_WORKERS))
         ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)  # dashboard: 127.0.0.1
     log.info("ray resources: %s", ray.cluster_resources())
