@@ -23,13 +23,8 @@ from anogan_ray.analysis.report import report
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
 from anogan_ray.pipelines import progress
-from anogan_ray.pipelines.score import (
-    REJECT_REASON,
-    _staging,
-    commit_staged,
-    prepare_batch,
-    score,
-)
+from anogan_ray.pipelines.score import _staging, commit_staged, score
+from anogan_ray.pipelines.validate import REJECT_REASON, prepare_batch
 from anogan_ray.tables import ScoringKey, TableError, encode_pixels, patch_id
 
 
@@ -256,6 +251,18 @@ def test_tensor_pixels_are_validated_as_a_whole_like_row_by_row():
     assert as_array["pixels"].dtype == np.uint8
 
 
+def test_the_reading_tasks_do_not_load_torch():
+    """The validation the reading tasks run comes without PyTorch: a Ray worker that loads it
+    holds ~190 MiB more and spends ~1 s more starting, and Ray keeps idle workers around."""
+    code = (
+        "import pickle, sys; from anogan_ray.pipelines.validate import PreparePatches; "
+        "pickle.dumps(PreparePatches(['test'])); print('torch' in sys.modules)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "False"
+
+
 def test_commit_keeps_each_patch_once_and_drops_partial_files(tmp_path):
     """Staged files that repeat committed rows, repeat rows among themselves (a retried task) or
     lack their footer (a killed writer) commit every patch exactly once."""
@@ -363,7 +370,7 @@ def test_the_scorer_switches_off_a_fast_path_beyond_its_tolerance(
     import torch
 
     from anogan_ray.core import invert
-    from anogan_ray.pipelines.score import PatchScorer, prepare_batch
+    from anogan_ray.pipelines.score import PatchScorer
 
     monkeypatch.setattr(invert, "COMPILE_RTOL", -1.0)
     rows = _patch_rows(cohort_images["val"][:8], np.zeros(8), "val", "s1-v")

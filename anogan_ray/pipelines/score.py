@@ -29,8 +29,9 @@ While it runs, the driver logs every 15 s how many patches are done, the rate an
 (the scoring actors count them in a :class:`~anogan_ray.pipelines.progress.ProgressCounter`).
 
 Malformed patches (pixels of the wrong size, NaN or infinite, outside 0..255) are not scored; they
-go to the rejects table with the reason. A float ``pixels`` column is read on the same 0..255 scale
-as the contract's uint8 and rounded.
+go to the rejects table with the reason (:mod:`anogan_ray.pipelines.validate`, which the reading
+tasks run). A float ``pixels`` column is read on the same 0..255 scale as the contract's uint8 and
+rounded.
 """
 
 from __future__ import annotations
@@ -67,14 +68,13 @@ from anogan_ray.core.invert import (
 from anogan_ray.core.model import ENCODER_FILE, load_bundle
 from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.progress import logged_progress
+from anogan_ray.pipelines.validate import META_COLUMNS, REJECT_REASON, PreparePatches
 from anogan_ray.tables import (
     KEY_COLUMNS,
-    PATCH_COLUMNS,
     PATCH_SIZE,
     IdKeySet,
     ScoringKey,
     committed_id_keys,
-    contains_sorted,
     count_committed,
     count_patches,
     decode_pixels,
@@ -84,87 +84,7 @@ from anogan_ray.tables import (
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = tuple(c for c in PATCH_COLUMNS if c != "pixels")
-_MISSING = {"label": -1, "volume_label": -1, "spacing_source": ""}  # columns older tables lack
-REJECT_REASON = "reject_reason"  # internal column: "" for a scored row
 BATCHES_PER_BLOCK = 2  # scoring batches per block handed to an actor (see score)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation and decoding (CPU, runs in Ray Data tasks)
-# ---------------------------------------------------------------------------------------------
-
-
-def _validate(values: Any) -> tuple[np.ndarray | None, str]:
-    """One stored ``pixels`` value -> (uint8 (64, 64), "") or (None, reason)."""
-    try:
-        array = np.asarray(values)
-        if array.dtype == object:
-            array = np.asarray(list(values), dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        return None, f"pixels not numeric ({err})"
-    if array.size != PATCH_SIZE * PATCH_SIZE:
-        return None, f"pixels have {array.size} values of shape {array.shape}, expected 64 x 64"
-    array = array.reshape(PATCH_SIZE, PATCH_SIZE)
-    if array.dtype == np.uint8:
-        return array, ""
-    if not np.issubdtype(array.dtype, np.number):
-        return None, f"pixels of type {array.dtype} are not numeric"
-    if not np.all(np.isfinite(array)):
-        return None, "pixels contain NaN or infinite values"
-    if array.min() < 0 or array.max() > 255:
-        return None, f"pixels outside 0..255 (min {array.min():g}, max {array.max():g})"
-    return np.rint(array).astype(np.uint8), ""
-
-
-def prepare_batch(batch: dict[str, np.ndarray], splits: list[str]) -> dict[str, np.ndarray]:
-    """Keep the requested splits, validate pixels; rejects keep zero pixels and a reason.
-
-    A tensor column (the contract's (n, 64, 64) uint8, or a numeric array of that shape) is
-    checked with whole-array operations; only other layouts (lists, binary) go row by row.
-    """
-    keep = np.isin(batch["split"].astype(str), splits)
-    n = int(keep.sum())
-    out = {name: np.asarray(batch[name])[keep] for name in META_COLUMNS if name in batch}
-    for name in META_COLUMNS:
-        if name not in out:  # an optional column missing from this table
-            out[name] = np.full(n, _MISSING.get(name, np.nan))
-    column = batch["pixels"]
-    if (
-        isinstance(column, np.ndarray)
-        and column.dtype != object
-        and column.shape[1:] == (PATCH_SIZE, PATCH_SIZE)
-    ):
-        pixels, reasons = _validate_array(column[keep])
-    else:
-        pixels = np.zeros((n, PATCH_SIZE, PATCH_SIZE), dtype=np.uint8)
-        reasons = np.full(n, "", dtype=object)
-        for i, values in enumerate(np.asarray(column, dtype=object)[keep]):
-            good, reason = _validate(values)
-            if good is None:
-                reasons[i] = reason
-            else:
-                pixels[i] = good
-    out["pixels"] = pixels
-    out[REJECT_REASON] = reasons.astype(str)
-    return out
-
-
-def _validate_array(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 64, 64) numeric pixels -> (uint8 pixels, reasons); the reasons of
-    :func:`_validate`, computed for the bad rows only."""
-    reasons = np.full(len(array), "", dtype=object)
-    if array.dtype == np.uint8:
-        return array, reasons
-    if not np.issubdtype(array.dtype, np.number):
-        reasons[:] = f"pixels of type {array.dtype} are not numeric"
-        return np.zeros(array.shape, np.uint8), reasons
-    flat = array.reshape(len(array), -1)
-    bad = ~np.isfinite(flat).all(1) | (flat.min(1, initial=0) < 0) | (flat.max(1, initial=0) > 255)
-    for i in np.flatnonzero(bad):
-        reasons[i] = _validate(array[i])[1]
-    pixels = np.rint(np.where(bad[:, None, None], 0, array)).astype(np.uint8)
-    return pixels, reasons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,13 +494,6 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         else None
     )
 
-    def prepare(table: pa.Table) -> dict[str, np.ndarray]:
-        if done_ref is not None:  # a resumed run: leave out what is already done
-            done_already = contains_sorted(ray.get(done_ref), id_keys(table["patch_id"]))
-            table = table.filter(pa.array(~done_already))
-        batch = {name: _column_to_numpy(table[name]) for name in table.column_names}
-        return prepare_batch(batch, cfg.splits)
-
     blocks = max(1, math.ceil(to_score / (BATCHES_PER_BLOCK * cfg.batch_size)))
     device, pool, resources, threads = _resources(cfg, blocks)
     actors = pool.min_size
@@ -606,7 +519,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         with logged_progress(to_score, log, verb="scored", unit="patches") as progress:
             scored = (
                 read_patch_table(patches, cfg.splits)
-                .map_batches(prepare, batch_format="pyarrow")
+                .map_batches(PreparePatches(cfg.splits, done_ref), batch_format="pyarrow")
                 .map_batches(
                     PatchScorer,
                     fn_constructor_args=(model, cfg, device, threads, progress),
@@ -672,18 +585,3 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         summary["auc"],
     )  # fmt: skip
     return summary
-
-
-def _column_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """An Arrow column as numpy: tensor columns as (n, ...) arrays, lists as arrays of arrays."""
-    column = column.combine_chunks()
-    if isinstance(column.type, pa.ExtensionType) and hasattr(column, "to_numpy_ndarray"):
-        return column.to_numpy_ndarray()
-    if isinstance(column.type, pa.ExtensionType):
-        return column.to_numpy()
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        values = column.to_pylist()
-        result = np.empty(len(values), dtype=object)
-        result[:] = [np.asarray(v if v is not None else [], dtype=np.float64) for v in values]
-        return result
-    return column.to_numpy(zero_copy_only=False)
