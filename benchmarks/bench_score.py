@@ -11,9 +11,11 @@
    CPU: the CPU seconds of the job's whole process tree per patch, against those of
    :func:`score_patches` alone in-process on the same patches; the difference is the pipeline's
    overhead per patch (Ray, reading, validation, writing, commit). The CPU is also split by kind
-   of process (driver, scoring actors, other Ray workers, Ray's services) and measured "steady":
-   between the first and the last staged file, so that start-up (worker imports, model loading)
-   is left out.
+   of process (driver, scoring actors, read tasks, other Ray workers, Ray's services) and
+   measured "steady": between the first and the last staged file, so that start-up (worker
+   imports, model loading) is left out. A table small enough to be read ahead of the actors is
+   mostly read before the first file lands (``read_cpu_share_in_steady_window`` says how much
+   of the reading the window saw).
 3. Resume: the largest size is scored again by a job killed once its staged files hold
    ``--kill-at`` of the patches, then resumed; the table is checked the same way.
 """
@@ -80,24 +82,25 @@ def _process_kind(process: psutil.Process, root: psutil.Process) -> str:
     name = " ".join(process.cmdline())
     if "PatchScorer" in name:
         return "scoring_actors"
+    if name.startswith("ray::ReadFiles"):
+        return "read_tasks"  # reading the patch table and preparing its batches
     if name.startswith("ray::"):
-        return "other_ray_workers"  # read, prepare and write tasks; Ray's own actors
+        return "other_ray_workers"  # write tasks, idle workers, Ray's and our own small actors
     return "ray_services"  # raylet, GCS, dashboard
 
 
-def _by_kind(cpu: dict[int, tuple[str, float]]) -> dict[str, float]:
+def _by_kind(cpu: dict) -> dict[str, float]:
     """CPU seconds so far by kind of process."""
-    totals: dict[str, float] = {}
-    for kind, seconds in cpu.values():
-        totals[kind] = totals.get(kind, 0.0) + seconds
-    return dict(sorted(totals.items()))
+    return dict(sorted(cpu["by_kind"].items()))
 
 
-def _memory(root: psutil.Process, cpu: dict[int, tuple[str, float]]) -> dict[str, int]:
+def _memory(root: psutil.Process, cpu: dict) -> dict[str, int]:
     """Memory now of the job's driver, its largest Ray worker, all workers, and the whole tree:
     RSS, and USS (``*_uss``: pages the process alone holds, leaving out the object store's
-    shared memory that RSS counts for every worker that touched it). Records each process's CPU
-    seconds so far in ``cpu`` (pid -> (kind, user + system))."""
+    shared memory that RSS counts for every worker that touched it). Adds the CPU seconds each
+    process spent since the last call to ``cpu["by_kind"]``, under the kind the process is now
+    (a Ray worker runs a read, then idles, then runs a write task); ``cpu["seen"]`` holds each
+    pid's CPU seconds so far."""
     now = dict.fromkeys(
         ("driver", "largest_worker", "workers", "tree", "driver_uss", "largest_worker_uss",
          "workers_uss", "tree_uss"), 0,
@@ -107,7 +110,10 @@ def _memory(root: psutil.Process, cpu: dict[int, tuple[str, float]]) -> dict[str
             memory = process.memory_full_info()
             name = " ".join(process.cmdline()[:1])
             times = process.cpu_times()
-            cpu[process.pid] = (_process_kind(process, root), times.user + times.system)
+            seconds, kind = times.user + times.system, _process_kind(process, root)
+            spent = seconds - cpu["seen"].get(process.pid, 0.0)
+            cpu["seen"][process.pid] = seconds
+            cpu["by_kind"][kind] = cpu["by_kind"].get(kind, 0.0) + spent
         except psutil.Error:
             continue
         for suffix, value in (("", memory.rss), ("_uss", memory.uss)):
@@ -150,7 +156,7 @@ def run_job(
     )
     root = psutil.Process(job.pid)
     peak: dict[str, int] = {}
-    cpu: dict[int, tuple[str, float]] = {}
+    cpu: dict = {"seen": {}, "by_kind": {}}  # see _memory
     window: list[tuple[int, dict[str, float]]] = []  # (staged files, CPU by kind) as files land
     while job.poll() is None:
         now = _memory(root, cpu)
@@ -175,7 +181,7 @@ def run_job(
         summary = json.load(f)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     summary["peak_memory_gib"] = {name: round(value / 2**30, 3) for name, value in peak.items()}
-    summary["cpu_seconds"] = round(sum(seconds for _, seconds in cpu.values()), 2)  # the tree's
+    summary["cpu_seconds"] = round(sum(cpu["by_kind"].values()), 2)  # the tree's
     summary["cpu_seconds_by_kind"] = {k: round(v, 2) for k, v in _by_kind(cpu).items()}
     if len(window) > 1:  # between the first and the last staged file seen: start-up excluded
         (first_files, first_cpu), (last_files, last_cpu) = window[0], window[-1]
@@ -185,6 +191,12 @@ def run_job(
             for kind in last_cpu
         }
         summary["steady_window_patches"] = rows
+        # a small table is read ahead of the actors, before the first file lands: the steady
+        # window then misses most of the reading's CPU (which whole-run figures count)
+        read = summary["cpu_seconds_by_kind"].get("read_tasks", 0.0)
+        if read:
+            in_window = last_cpu.get("read_tasks", 0.0) - first_cpu.get("read_tasks", 0.0)
+            summary["read_cpu_share_in_steady_window"] = round(in_window / read, 3)
     return summary
 
 
@@ -335,6 +347,7 @@ def main() -> None:
                 },
                 "steady_cpu_ms_per_patch_by_kind": summary.get("steady_cpu_ms_per_patch_by_kind"),
                 "steady_window_patches": summary.get("steady_window_patches"),
+                "read_cpu_share_in_steady_window": summary.get("read_cpu_share_in_steady_window"),
                 "peak_memory_gib": summary["peak_memory_gib"],
                 "table": exactly_once(f"{work}/out_{n}", n),
             }
