@@ -23,7 +23,8 @@ from anogan_ray.analysis.report import report
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
 from anogan_ray.pipelines import progress
-from anogan_ray.pipelines.score import _staging, commit_staged, score
+from anogan_ray.pipelines.commit import commit_staged, staging_folder
+from anogan_ray.pipelines.score import score
 from anogan_ray.pipelines.validate import REJECT_REASON, prepare_batch
 from anogan_ray.tables import ScoringKey, TableError, encode_pixels, patch_id
 
@@ -251,11 +252,12 @@ def test_tensor_pixels_are_validated_as_a_whole_like_row_by_row():
     assert as_array["pixels"].dtype == np.uint8
 
 
-def test_the_reading_tasks_do_not_load_torch():
-    """The validation the reading tasks run comes without PyTorch: a Ray worker that loads it
+def test_the_reading_and_commit_tasks_do_not_load_torch():
+    """What the reading and commit tasks run comes without PyTorch: a Ray worker that loads it
     holds ~190 MiB more and spends ~1 s more starting, and Ray keeps idle workers around."""
     code = (
         "import pickle, sys; from anogan_ray.pipelines.validate import PreparePatches; "
+        "from anogan_ray.pipelines.commit import commit_staged, done_keys; "
         "pickle.dumps(PreparePatches(['test'])); print('torch' in sys.modules)"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -282,7 +284,7 @@ def test_commit_keeps_each_patch_once_and_drops_partial_files(tmp_path):
         )
 
     out = str(tmp_path / "score")
-    run = tmp_path / "score" / os.path.relpath(_staging(out, key), out) / "run1"
+    run = tmp_path / "score" / os.path.relpath(staging_folder(out, key), out) / "run1"
     run.mkdir(parents=True)
     pq.write_table(staged(["a", "b"]), run / "0.parquet")
     assert commit_staged(out, key)["scored"] == 2

@@ -36,21 +36,15 @@ rounded.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
-import os
 import time
 import uuid
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import ray
 import ray.util.scheduling_strategies
 import torch
@@ -67,18 +61,15 @@ from anogan_ray.core.invert import (
 )
 from anogan_ray.core.model import ENCODER_FILE, load_bundle
 from anogan_ray.pipelines import ensure_ray
+from anogan_ray.pipelines.commit import commit_staged, done_keys, staging_folder
 from anogan_ray.pipelines.progress import logged_progress
 from anogan_ray.pipelines.validate import META_COLUMNS, REJECT_REASON, PreparePatches
 from anogan_ray.tables import (
-    KEY_COLUMNS,
     PATCH_SIZE,
-    IdKeySet,
     ScoringKey,
-    committed_id_keys,
     count_committed,
     count_patches,
     decode_pixels,
-    id_keys,
     read_patch_table,
 )
 
@@ -189,7 +180,7 @@ class PatchScorer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the tables, committing staged files
+# The scoring key and what is done under it
 # ---------------------------------------------------------------------------------------------
 
 
@@ -204,111 +195,6 @@ def _done_count(out: str, key: ScoringKey, splits: list[str] | None = None) -> i
     if splits is not None:
         where = where & pads.field("split").isin(splits)
     return sum(count_committed(storage.join(out, t), where) for t in ("scores", "rejects"))
-
-
-def done_keys(out: str, key: ScoringKey) -> np.ndarray:
-    """The sorted id keys (:func:`~anogan_ray.tables.id_keys`) of the patches already scored or
-    rejected under this scoring key."""
-    parts = [
-        committed_id_keys(storage.join(out, t), key.expression()) for t in ("scores", "rejects")
-    ]
-    return np.sort(np.concatenate(parts))
-
-
-def _write_atomic(table: pa.Table, url: str, staging_dir: str) -> None:
-    """Write one Parquet file so readers see all of it or nothing."""
-    if storage.is_remote(url):  # an S3 object appears only when its upload completes
-        fs, path = storage.arrow_filesystem(url)
-        pq.write_table(table, path, filesystem=fs)
-        return
-    tmp = os.path.join(storage.filesystem(staging_dir)[1], f".commit-{uuid.uuid4().hex}")
-    pq.write_table(table, tmp)
-    os.makedirs(os.path.dirname(storage.filesystem(url)[1]), exist_ok=True)
-    os.replace(tmp, storage.filesystem(url)[1])  # atomic rename on the same filesystem
-
-
-def _staging(out: str, key: ScoringKey) -> str:
-    """The folder where runs of this scoring key stage their files."""
-    return storage.join(out, "_staging", hashlib.sha1(str(key).encode()).hexdigest()[:16])
-
-
-def commit_staged(out: str, key: ScoringKey, rows_per_file: int = 10_000) -> dict[str, int]:
-    """Move this key's complete staged files into the score and rejects tables, each row at most
-    once (a retried task may have staged a patch twice).
-
-    Rows are gathered across staged files and written in files of about ``rows_per_file`` rows
-    (rejects too, which come a few per batch), so a run adds at most one short file per table
-    however it was cut into blocks or killed. Staged files are removed once all their rows are
-    written; a commit killed before that is redone by the next one, whose de-duplication drops
-    what was already written.
-
-    Returns:
-        Counts: ``scored`` and ``rejected`` rows committed, ``duplicates`` dropped and
-        ``partial_files`` (half-written by a killed job) discarded.
-    """
-    counts = {"scored": 0, "rejected": 0, "duplicates": 0, "partial_files": 0}
-    staging = _staging(out, key)
-    staged = storage.list_files(staging, ".parquet")
-    fs, _ = storage.arrow_filesystem(out)
-    tables = {"scored": storage.join(out, "scores"), "rejected": storage.join(out, "rejects")}
-    done: dict[str, IdKeySet] = {}  # per table: the keys of its rows under this scoring key
-    pending: dict[str, list[pa.Table]] = {kind: [] for kind in tables}
-
-    def write(kind: str) -> None:
-        if pending[kind]:
-            rows = pa.concat_tables(pending[kind], promote_options="default")
-            target = storage.join(tables[kind], f"{uuid.uuid4().hex}.parquet")
-            _write_atomic(rows, target, staging)
-            pending[kind] = []
-
-    for url in staged:
-        path = storage.filesystem(url)[1]
-        try:
-            table = pq.read_table(path, filesystem=fs)
-        except (pa.ArrowInvalid, OSError) as err:  # no footer: the writer was killed
-            log.warning("discarding partial file %s (%s)", url, err)
-            counts["partial_files"] += 1
-            storage.remove(url)
-            continue
-        for rows, kind in (
-            (table.filter(pc.equal(table[REJECT_REASON], "")), "scored"),
-            (table.filter(pc.not_equal(table[REJECT_REASON], "")), "rejected"),
-        ):
-            if rows.num_rows == 0:
-                continue
-            if kind not in done:
-                done[kind] = IdKeySet(committed_id_keys(tables[kind], key.expression()))
-            keys = id_keys(rows["patch_id"])
-            first = np.zeros(len(keys), dtype=bool)  # a retried task may stage a row twice
-            first[np.unique(keys, return_index=True)[1]] = True
-            fresh = first & ~done[kind].contains(keys)
-            counts["duplicates"] += rows.num_rows - int(fresh.sum())
-            rows, keys = rows.filter(pa.array(fresh)), keys[fresh]
-            if rows.num_rows == 0:
-                continue
-            if kind == "scored":
-                rows = rows.drop_columns([REJECT_REASON])
-            else:
-                keep = ["patch_id", "split", "source", REJECT_REASON, *KEY_COLUMNS]
-                rows = rows.select(keep).rename_columns(
-                    [c if c != REJECT_REASON else "reason" for c in keep]
-                )
-            pending[kind].append(rows)
-            done[kind].add(keys)
-            counts[kind] += rows.num_rows
-            if sum(t.num_rows for t in pending[kind]) >= rows_per_file:
-                write(kind)
-    for kind in tables:
-        write(kind)
-    for url in staged:  # every row is written now
-        with contextlib.suppress(FileNotFoundError):
-            storage.remove(url)
-    with contextlib.suppress(FileNotFoundError):  # S3 "folders" vanish with their last object
-        storage.remove(staging)  # one job per key at a time: nothing else in there
-    if not storage.is_remote(out):  # the shared parent, once no key stages anything
-        with contextlib.suppress(OSError):
-            os.rmdir(storage.filesystem(storage.join(out, "_staging"))[1])
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +383,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     blocks = max(1, math.ceil(to_score / (BATCHES_PER_BLOCK * cfg.batch_size)))
     device, pool, resources, threads = _resources(cfg, blocks)
     actors = pool.min_size
-    staging = storage.join(_staging(out, key), uuid.uuid4().hex[:12])
+    staging = storage.join(staging_folder(out, key), uuid.uuid4().hex[:12])
     out_fs, staging_path = storage.arrow_filesystem(staging)
     # A marker object: when nothing is left to score, Ray deletes the empty output folder, which
     # on S3 exists only while it holds an object.
