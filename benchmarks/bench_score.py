@@ -123,6 +123,8 @@ def _memory(root: psutil.Process, cpu: dict) -> dict[str, int]:
             elif name.startswith("ray::"):
                 now[f"workers{suffix}"] += value
                 now[f"largest_worker{suffix}"] = max(now[f"largest_worker{suffix}"], value)
+        if kind != "driver":  # which kind of worker the largest one is (USS)
+            now[f"largest_uss_{kind}"] = max(now.get(f"largest_uss_{kind}", 0), memory.uss)
     return now
 
 
@@ -160,7 +162,7 @@ def run_job(
     window: list[tuple[int, dict[str, float]]] = []  # (staged files, CPU by kind) as files land
     while job.poll() is None:
         now = _memory(root, cpu)
-        peak = {name: max(peak.get(name, 0), value) for name, value in now.items()}
+        peak |= {name: max(peak.get(name, 0), value) for name, value in now.items()}
         staged = sum(
             f.endswith(".parquet") for _, _, files in os.walk(f"{out}/_staging") for f in files
         )
@@ -397,6 +399,7 @@ def main() -> None:
                 **{
                     f"peak_{name}": round(value / max(first["peak_memory_gib"][name], 1e-9), 3)
                     for name, value in last["peak_memory_gib"].items()
+                    if name in first["peak_memory_gib"]
                 },
             }
         result["growth"] = growth
