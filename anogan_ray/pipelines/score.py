@@ -28,10 +28,8 @@ Both run in Ray tasks beside the driver, which holds counts only.
 While it runs, the driver logs every 15 s how many patches are done, the rate and the time left
 (the scoring actors count them in a :class:`~anogan_ray.pipelines.progress.ProgressCounter`).
 
-Malformed patches (pixels of the wrong size, NaN or infinite, outside 0..255) are not scored; they
-go to the rejects table with the reason (:mod:`anogan_ray.pipelines.validate`, which the reading
-tasks run). A float ``pixels`` column is read on the same 0..255 scale as the contract's uint8 and
-rounded.
+Malformed patches are not scored; they go to the rejects table with the reason (what counts as
+malformed: :mod:`anogan_ray.pipelines.validate`, which the reading tasks run).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Patch-table batches made ready for the scoring actors: the requested splits, validated pixels.
 
 This runs in Ray Data's reading tasks, beside the file reads, so it imports numpy, pyarrow and
-the table contract only: a reading worker that also loaded PyTorch held ~190 MiB more memory and
-spent ~1 s more CPU starting (``benchmarks/bench_score.py``; idle workers are kept and reused).
+the table contract only: importing PyTorch costs a worker ~190 MiB of its own memory and ~1 s of
+CPU (measured by importing each module in a fresh process), and idle workers are kept and reused.
 
 Malformed patches (pixels of the wrong size, NaN or infinite, outside 0..255) are not scored: they
 keep zero pixels and a reason in :data:`REJECT_REASON`, and the job writes them to its rejects
