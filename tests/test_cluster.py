@@ -77,6 +77,23 @@ def test_runtime_env_carries_no_secrets():
     assert not re.search(r"(?i)(secret|access_key|password|token)\s*:", text)
 
 
+JOB_ENVS = [p for p in MANIFESTS if p.name == "runtime_env.yaml" or p.name.startswith("rayjob")]
+
+
+@pytest.mark.parametrize("path", JOB_ENVS, ids=lambda p: p.name)
+def test_jobs_on_a_cluster_get_the_readers_environment_of_a_local_ray(path):
+    from anogan_ray.pipelines import READER_ENV
+
+    document = yaml.safe_load(path.read_text())
+    runtime_env = (
+        document if path.name == "runtime_env.yaml" else document["spec"]["runtimeEnvYAML"]
+    )
+    if isinstance(runtime_env, str):
+        runtime_env = yaml.safe_load(runtime_env)
+    env_vars = runtime_env.get("env_vars", {})
+    assert {k: env_vars.get(k) for k in READER_ENV} == READER_ENV, path.name
+
+
 # --- the cluster is locked (issue 16): Ray token authentication on every cluster definition ---
 
 CLUSTERS = [p for p in MANIFESTS if p.name != "runtime_env.yaml"]
