@@ -15,7 +15,7 @@ SPARE_WORKERS = 4  # idle Ray workers a local Ray keeps beyond one per CPU (see 
 # gets from cluster/runtime_env.yaml. Ray 2.60's Parquet reader sizes Arrow's CPU thread pool to
 # 32 threads in every read task, which holds one CPU: on 2 cores the reading worker grew to
 # 1.27 GiB USS over 10^6 patches (each decoding thread keeps its own allocator cache) against
-# 0.72-0.77 GiB flat with one thread, at no more CPU (a read-only pipeline, one run each).
+# 0.75-0.77 GiB flat with one thread, at no more CPU (a read-only pipeline, one run each).
 READER_ENV = {"RAY_DATA_PARQUET_READER_CPU_COUNT": "1"}
 
 
