@@ -207,6 +207,15 @@ def test_the_smallest_frame_still_holds_ordered_boundaries():
         assert (volume.mask > 0).any()
 
 
+def test_a_vessel_at_the_frame_edge_is_clipped_not_an_error():
+    # subject 24 of a seed-1 demo cohort has a vessel centred beyond the last A-scan, whose
+    # bounding box once came out with a negative width ("negative dimensions are not allowed")
+    cfg = dataclasses.replace(load_config("demo").phantom, seed=1)
+    volume = generate_volume(cfg, subject_index=24)
+    assert volume.image.shape == (cfg.bscans_per_volume, cfg.height, volume.image.shape[2])
+    assert not volume.mask.any()
+
+
 @pytest.mark.parametrize(("height", "min_thickness"), [(256, 70), (496, 80)])
 def test_healthy_retina_holds_a_64_pixel_patch(height, min_thickness):
     cfg = dataclasses.replace(load_config("tiny").phantom, height=height, bscans_per_volume=3)

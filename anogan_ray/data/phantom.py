@@ -340,6 +340,7 @@ def _ellipse_mask(
     rz, rx = radii
     z0, z1 = max(int(zc - rz - 1), 0), min(int(zc + rz + 2), shape[0])
     x0, x1 = max(int(xc - rx - 1), 0), min(int(xc + rx + 2), shape[1])
+    z1, x1 = max(z1, z0), max(x1, x0)  # an ellipse outside the image: an empty box
     zz, xx = np.mgrid[z0:z1, x0:x1]
     dz, dx = (zz - zc) / rz, (xx - xc) / rx
     limit = 1.0
