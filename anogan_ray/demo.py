@@ -29,10 +29,10 @@ def run_demo(out: str, cfg: Config) -> dict[str, Any]:
     from anogan_ray.analysis.report import report
     from anogan_ray.core import metrics
     from anogan_ray.data.phantom import write_cohort
-    from anogan_ray.pipelines import ensure_ray
     from anogan_ray.pipelines.preprocess import preprocess
     from anogan_ray.pipelines.score import score
     from anogan_ray.pipelines.train import train
+    from anogan_ray.ray_env import ensure_ray
 
     started = time.perf_counter()
     ensure_ray()

@@ -157,7 +157,7 @@ def read_patch_table(url: str, splits: Sequence[str] | None = None) -> ray.data.
     import ray
     from ray.data.datasource.partitioning import Partitioning
 
-    from anogan_ray.pipelines import ensure_ray
+    from anogan_ray.ray_env import ensure_ray
 
     ensure_ray()
     url = patch_table_url(url)

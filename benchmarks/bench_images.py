@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from anogan_ray.pipelines import ensure_ray
+    from anogan_ray.ray_env import ensure_ray
 
     ensure_ray()
     work = Path(args.work)

@@ -109,8 +109,8 @@ def sample_rows(rows: dict[str, np.ndarray], count: int, seed: int = 0) -> dict[
 def prepare(out: str, cfg: Config) -> str:
     """Write the phantom cohort and its patch table under ``out`` (as ``anogan-ray demo``)."""
     from anogan_ray.data.phantom import write_cohort
-    from anogan_ray.pipelines import ensure_ray
     from anogan_ray.pipelines.preprocess import preprocess
+    from anogan_ray.ray_env import ensure_ray
 
     write_cohort(cfg.phantom, storage.join(out, "cohort"))
     ensure_ray()

@@ -82,7 +82,7 @@ JOB_ENVS = [p for p in MANIFESTS if p.name == "runtime_env.yaml" or p.name.start
 
 @pytest.mark.parametrize("path", JOB_ENVS, ids=lambda p: p.name)
 def test_jobs_on_a_cluster_get_the_readers_environment_of_a_local_ray(path):
-    from anogan_ray.pipelines import READER_ENV
+    from anogan_ray.ray_env import READER_ENV
 
     document = yaml.safe_load(path.read_text())
     runtime_env = (

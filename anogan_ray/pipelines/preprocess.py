@@ -63,8 +63,8 @@ from anogan_ray import storage
 from anogan_ray.config import PreprocessConfig
 from anogan_ray.data.retina import STEPS, VolumePatches, preprocess_volume
 from anogan_ray.data.volumes import SPLITS, VolumeError, read_manifest
-from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.progress import logged_progress
+from anogan_ray.ray_env import ensure_ray
 from anogan_ray.tables import PATCH_COLUMNS
 
 log = logging.getLogger(__name__)

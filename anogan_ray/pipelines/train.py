@@ -67,8 +67,8 @@ from anogan_ray.core.recipes import (
     sliced_wasserstein,
     unwrap,
 )
-from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.progress import epoch_line
+from anogan_ray.ray_env import ensure_ray
 from anogan_ray.tables import decode_pixels, read_patch_table
 
 log = logging.getLogger(__name__)

@@ -61,7 +61,6 @@ from anogan_ray.core.export import export_bundle, exported_models
 from anogan_ray.core.invert import MAPPINGS, in_fixed_rows, invert_batch
 from anogan_ray.core.metrics import auc
 from anogan_ray.core.model import ENCODER_FILE, load_bundle
-from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.train import (
     RUNS_FOLDER,
     TrainingPatches,
@@ -71,6 +70,7 @@ from anogan_ray.pipelines.train import (
     plan_steps,
     read_training_patches,
 )
+from anogan_ray.ray_env import ensure_ray
 from anogan_ray.tables import decode_pixels, patch_seed, read_patch_table
 
 log = logging.getLogger(__name__)
