@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from anogan_ray.config import load_config
 from anogan_ray.core.invert import invert_batch, mapping_rows
-from anogan_ray.core.model import build_models
+from anogan_ray.core.networks import build_models
 
 
 def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:

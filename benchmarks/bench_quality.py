@@ -50,7 +50,8 @@ from anogan_ray.core import metrics
 from anogan_ray.core.baselines import AdversarialAutoencoder, PCABaseline
 from anogan_ray.core.export import exported_models, exported_module
 from anogan_ray.core.invert import score_patches
-from anogan_ray.core.model import Encoder, ModelBundle, load_bundle, sample_latent, save_bundle
+from anogan_ray.core.model import ModelBundle, load_bundle, save_bundle
+from anogan_ray.core.networks import Encoder, sample_latent
 from anogan_ray.core.recipes import (
     ACAE,
     ENCODER,

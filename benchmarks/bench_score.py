@@ -40,7 +40,8 @@ import torch
 
 from anogan_ray.config import ScoreConfig, load_config
 from anogan_ray.core.invert import score_patches
-from anogan_ray.core.model import build_models, save_bundle
+from anogan_ray.core.model import save_bundle
+from anogan_ray.core.networks import build_models
 from anogan_ray.tables import decode_pixels, patch_id, pixels_from_column
 
 

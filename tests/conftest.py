@@ -131,7 +131,8 @@ def scored_cohort(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from anogan_ray.core.model import build_models, save_bundle
+    from anogan_ray.core.model import save_bundle
+    from anogan_ray.core.networks import build_models
     from anogan_ray.tables import encode_pixels, patch_id
 
     cfg = load_config("tiny")
@@ -280,7 +281,8 @@ def tiny_bundle(tmp_path_factory, tiny_config) -> str:
     import torch
     import torch.nn.functional as F
 
-    from anogan_ray.core.model import build_models, sample_latent, save_bundle
+    from anogan_ray.core.model import save_bundle
+    from anogan_ray.core.networks import build_models, sample_latent
 
     torch.manual_seed(0)
     healthy = torch.from_numpy(synthetic_oct_patches(1024, seed=0))[:, None]  # (N, 1, 64, 64)

@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from anogan_ray.core.baselines import PCABaseline, acae_score
 from anogan_ray.core.invert import score_patches
-from anogan_ray.core.model import BundleError, build_models, load_bundle, save_bundle
+from anogan_ray.core.model import BundleError, load_bundle, save_bundle
+from anogan_ray.core.networks import build_models
 from anogan_ray.core.recipes import ACAE
 
 

@@ -25,7 +25,7 @@ def test_paper_preset_is_the_papers_architecture_and_settings():
     import torch
     import torch.nn as nn
 
-    from anogan_ray.core.model import build_models
+    from anogan_ray.core.networks import build_models
 
     generator, discriminator = build_models(cfg.model)
     up = [m for m in generator.modules() if isinstance(m, nn.ConvTranspose2d)]

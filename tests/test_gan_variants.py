@@ -11,7 +11,8 @@ import torch
 
 from anogan_ray.config import ConfigError, load_config
 from anogan_ray.core.baselines import build_acae
-from anogan_ray.core.model import Encoder, build_models, load_bundle, save_bundle
+from anogan_ray.core.model import load_bundle, save_bundle
+from anogan_ray.core.networks import Encoder, build_models
 from anogan_ray.core.recipes import GAN
 
 

@@ -13,14 +13,8 @@ import torch
 
 from anogan_ray.config import ModelConfig
 from anogan_ray.core.export import batchnorm_check
-from anogan_ray.core.model import (
-    BundleError,
-    build_models,
-    finalize_batchnorm,
-    load_bundle,
-    sample_latent,
-    save_bundle,
-)
+from anogan_ray.core.model import BundleError, load_bundle, save_bundle
+from anogan_ray.core.networks import build_models, finalize_batchnorm, sample_latent
 
 TINY = ModelConfig(latent_dim=16, base_channels=8)
 

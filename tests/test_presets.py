@@ -11,7 +11,7 @@ import torch
 
 from anogan_ray.cli import build_parser, main
 from anogan_ray.config import PRESETS, load_config
-from anogan_ray.core.model import sample_latent
+from anogan_ray.core.networks import sample_latent
 from anogan_ray.core.recipes import ACAE, ENCODER, GAN
 from anogan_ray.data.phantom import assign_splits
 from anogan_ray.pipelines.train import TrainingPatches, plan_steps

@@ -18,7 +18,8 @@ import torch
 
 from anogan_ray import storage
 from anogan_ray.config import load_config
-from anogan_ray.core.model import build_models, load_bundle, sample_latent
+from anogan_ray.core.model import load_bundle
+from anogan_ray.core.networks import build_models, sample_latent
 from anogan_ray.pipelines.train import TrainError, read_training_patches, train
 from anogan_ray.tables import decode_pixels
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anogan_ray.config import ModelConfig
-from anogan_ray.core.model import Discriminator, Generator, init_weights, sample_latent
+from anogan_ray.core.networks import Discriminator, Generator, init_weights, sample_latent
 
 ACAE_ADVERSARIAL_WEIGHT = 0.01  # weight of the latent-prior term against the mean L1 residual
 

@@ -17,13 +17,13 @@ from PIL import Image
 
 from anogan_ray.config import Config, ModelConfig
 from anogan_ray.core.baselines import AdversarialAutoencoder, PCABaseline
-from anogan_ray.core.model import (
+from anogan_ray.core.model import save_bundle
+from anogan_ray.core.networks import (
     Discriminator,
     Encoder,
     Generator,
     finalize_batchnorm,
     sample_latent,
-    save_bundle,
 )
 from anogan_ray.tables import decode_pixels
 

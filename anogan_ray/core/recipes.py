@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from anogan_ray.config import ModelConfig, TrainConfig
 from anogan_ray.core.baselines import acae_step, build_acae
-from anogan_ray.core.model import Encoder, build_models, init_weights, sample_latent
+from anogan_ray.core.networks import Encoder, build_models, init_weights, sample_latent
 from anogan_ray.core.wgan_gp import wgan_gp_step
 
 Modules = dict[str, nn.Module]

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from anogan_ray.config import ModelConfig, TrainConfig
-from anogan_ray.core.model import sample_latent
+from anogan_ray.core.networks import sample_latent
 
 
 def critic_scores_and_penalty(

@@ -52,10 +52,8 @@ from anogan_ray import storage
 from anogan_ray.config import Config, ModelConfig, config_from_dict
 from anogan_ray.core.baselines import PCABaseline
 from anogan_ray.core.export import SAMPLE_GRID, export_bundle, exported_models, sample_grid_png
-from anogan_ray.core.model import (
-    QUALITY_FILE,
-    sample_latent,
-)
+from anogan_ray.core.model import QUALITY_FILE
+from anogan_ray.core.networks import sample_latent
 from anogan_ray.core.recipes import (
     ACAE,
     ENCODER,
