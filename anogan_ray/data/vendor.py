@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from anogan_ray import storage
-from anogan_ray.data.volumes import Scan, VolumeError
+from anogan_ray.data.scan import Scan, VolumeError
 
 # suffix -> format; folders are RETOUCH (with oct.mhd) or B-scan folders
 VENDOR_SUFFIXES = {

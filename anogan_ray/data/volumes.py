@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from anogan_ray import storage
+from anogan_ray.data import vendor
+from anogan_ray.data.scan import Scan, VolumeError
 
 MODALITIES = ("oct", "image")
 SPLITS = ("train", "val", "test")
@@ -37,22 +38,6 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # BT.601 RGB -> gray
 
 class ManifestError(ValueError):
     """The manifest itself is unusable (fails fast, naming the row and column)."""
-
-
-class VolumeError(ValueError):
-    """One volume or image cannot be used; the message is the reject reason."""
-
-
-@dataclass
-class Scan:
-    """One volume as read from its file: the image and what the file knows beyond it."""
-
-    image: np.ndarray  # (n_bscans, height, width), the file's numeric type
-    format: str  # "npy", "tiff", "image", or a vendor format such as "heyex-vol", "dicom"
-    spacing_x_um: float | None = None  # A-scan spacing the file states
-    layers: dict[str, np.ndarray] = field(default_factory=dict)  # "ilm"/"bm": (n, width) rows
-    mask: np.ndarray | None = None  # (n, height, width) lesion mask from the data set
-    annotated_bscans: np.ndarray | None = None  # (n,) bool: B-scans the mask covers (None: all)
 
 
 def _is_blank(value: object) -> bool:
@@ -248,8 +233,6 @@ def _checked_dimensions(array: np.ndarray) -> np.ndarray:
 def scan_format(url: str) -> str | None:
     """The format :func:`read_scan` reads ``url`` as, from its suffix (or, for a folder, its
     contents); ``None`` when it is not a supported scan."""
-    from anogan_ray.data import vendor
-
     suffix = os.path.splitext(url.lower().rstrip("/"))[1]
     if suffix in VOLUME_SUFFIXES:
         return {".npy": "npy", ".tif": "tiff", ".tiff": "tiff"}.get(suffix, "image")
@@ -269,8 +252,6 @@ def read_scan(url: str) -> Scan:
         VolumeError: the reject reason (unsupported or lying format, unreadable file, a missing
             optional package, wrong dimensions).
     """
-    from anogan_ray.data import vendor
-
     fmt = scan_format(url)
     if fmt is None:
         suffixes = (*VOLUME_SUFFIXES, *vendor.VENDOR_SUFFIXES)
