@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from anogan_ray.config import PRESETS, Config, ConfigError, load_config
+from anogan_ray.ray_env import set_verbose
 
 log = logging.getLogger("anogan_ray")
 # The AWS SDK's loggers: at DEBUG they print each request's Authorization header (with the access
@@ -34,6 +35,29 @@ def _add_config_options(parser: argparse.ArgumentParser, default: str = "demo") 
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set score.steps=200 (repeatable)",
+    )
+
+
+def _add_log_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """``--log-level`` and ``--verbose``, before the command or after it (``score -v ...``)."""
+
+    def default(value: Any) -> Any:  # a subcommand's flag only overrides the top one when given
+        return value if top else argparse.SUPPRESS
+
+    group = parser if top else parser.add_argument_group("output")
+    group.add_argument(
+        "--log-level",
+        default=default("INFO"),
+        choices=["DEBUG", "INFO", "WARNING"],
+        help="level of this program's lines; DEBUG also shows Ray's own (default: INFO)",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="also show Ray's own lines: Ray Data's per-dataset banners and progress tables, "
+        "Ray Train's per-report and worker-group lines (Ray's warnings and errors always show)",
     )
 
 
@@ -229,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
             "of a cohort by latent inversion (Schlegl et al. 2017). Paths may be local or s3://."
         ),
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    _add_log_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
@@ -245,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         """
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
+        _add_log_options(p, top=False)
         for flag, text in paths:
             p.add_argument(
                 flag, required=True, help=text, nargs="+" if flag == "--scores" else None
@@ -476,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    set_verbose(args.verbose or args.log_level == "DEBUG")  # Ray's own lines, or only its warnings
     for name in _CREDENTIAL_LOGGERS:  # their debug lines print signed request headers
         logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.INFO))
     try:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -112,3 +114,26 @@ def test_job_script_is_the_same_command():
         [sys.executable, "jobs/score.py", "--help"], capture_output=True, text=True, check=True
     )
     assert "--model" in result.stdout and "score table" in result.stdout
+
+
+def test_a_stage_prints_its_own_lines_not_rays_chatter(tmp_path, tiny_config):
+    """Quiet by default: preprocess prints Ray's start, its progress and its result, not Ray Data's
+    per-dataset banners and progress tables (those come with ``--verbose``)."""
+    from anogan_ray.data.phantom import write_cohort
+
+    write_cohort(tiny_config.phantom, str(tmp_path / "cohort"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    command = [str(Path(sys.executable).parent / "anogan-ray"), "preprocess", "--config", "tiny"]
+    paths = ["--manifest", str(tmp_path / "cohort" / "manifest.csv"), "--out", str(tmp_path / "p")]
+    result = subprocess.run(
+        [*command, *paths], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert "ray: started a local Ray" in result.stderr
+    assert "preprocessed 5 / 5 volumes (100.0 %)" in result.stderr  # progress, rate, time left
+    assert "preprocess: 5 volumes read, 0 rejected" in result.stderr
+    for chatter in ("Starting execution of Dataset", "Execution plan", "Active & requested"):
+        assert chatter not in result.stderr
+    assert len(lines) <= 5, "\n".join(lines)  # Ray's start (and its token warning), ours: 3
+    assert json.loads(result.stdout)["volumes_read"] == 5  # the summary, for scripts

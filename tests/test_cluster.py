@@ -81,8 +81,8 @@ JOB_ENVS = [p for p in MANIFESTS if p.name == "runtime_env.yaml" or p.name.start
 
 
 @pytest.mark.parametrize("path", JOB_ENVS, ids=lambda p: p.name)
-def test_jobs_on_a_cluster_get_the_readers_environment_of_a_local_ray(path):
-    from anogan_ray.ray_env import READER_ENV
+def test_jobs_on_a_cluster_get_the_workers_environment_of_a_local_ray(path):
+    from anogan_ray.ray_env import QUIET_WORKER_ENV, READER_ENV
 
     document = yaml.safe_load(path.read_text())
     runtime_env = (
@@ -91,7 +91,8 @@ def test_jobs_on_a_cluster_get_the_readers_environment_of_a_local_ray(path):
     if isinstance(runtime_env, str):
         runtime_env = yaml.safe_load(runtime_env)
     env_vars = runtime_env.get("env_vars", {})
-    assert {k: env_vars.get(k) for k in READER_ENV} == READER_ENV, path.name
+    expected = READER_ENV | QUIET_WORKER_ENV  # a job's workers are quiet unless asked otherwise
+    assert {k: env_vars.get(k) for k in expected} == expected, path.name
 
 
 # --- the cluster is locked (issue 16): Ray token authentication on every cluster definition ---

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -66,7 +67,7 @@ from anogan_ray.core.recipes import (
     unwrap,
 )
 from anogan_ray.pipelines.progress import epoch_line
-from anogan_ray.ray_env import ensure_ray
+from anogan_ray.ray_env import ensure_ray, hold_train_reports, train_log_level
 from anogan_ray.tables import decode_pixels, read_patch_table
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,7 @@ def make_trainer(
         "epoch_end": epoch_end,
         "reference_pixels": reference,
         "frozen": {name: module.state_dict() for name, module in (frozen or {}).items()},
+        "log_level": train_log_level(),
     }
     resources = {"CPU": 1, "GPU": 1} if train_cfg.use_gpu else {"CPU": 1}
     return ray.train.torch.TorchTrainer(
@@ -343,8 +345,23 @@ def make_trainer(
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # its per-report and worker-group lines only when asked for (anogan-ray --verbose)
+            logging_config=ray.train.LoggingConfig(log_level=loop_config["log_level"]),
         ),
         datasets={TRAIN_SPLIT: data.dataset},
+        dataset_config=ray.train.DataConfig(execution_options=_ingest_options()),
+    )
+
+
+def _ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Train's default options for feeding its workers, as ``DataConfig`` builds them from
+    this driver's ``DataContext``, less the deprecated ``exclude_resources``: Ray 2.60's default
+    passes it along and its dataset manager warns about it in every run."""
+    options = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(
+        resource_limits=options.resource_limits,
+        preserve_order=options.preserve_order,
+        verbose_progress=options.verbose_progress,
     )
 
 
@@ -394,6 +411,7 @@ def training_precision(device: torch.device, precision: str) -> contextlib.Abstr
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    hold_train_reports(config["log_level"])
     cfg = config_from_dict(config["config"])
     recipe = RECIPES[config["recipe"]]
     model_cfg, train_cfg = cfg.model, cfg.train
