@@ -153,17 +153,20 @@ def read_patch_table(url: str, splits: Sequence[str] | None = None) -> ray.data.
     Returns:
         A dataset with the columns of :data:`PATCH_COLUMNS`; ``pixels`` is a ``(64, 64)`` uint8
         tensor column.
+
+    Raises:
+        TableError: no Parquet files (of ``splits``) there, before Ray is started.
     """
     import ray
     from ray.data.datasource.partitioning import Partitioning
 
     from anogan_ray.ray_env import ensure_ray
 
-    ensure_ray()
     url = patch_table_url(url)
     files = _patch_table_files(url, splits)
     if not files:
-        raise FileNotFoundError(f"no patch table files under {url} (splits: {splits or 'all'})")
+        raise TableError(_no_patch_files(url, splits))
+    ensure_ray()
     fs, path = storage.arrow_filesystem(url)
     paths = [storage.arrow_filesystem(f)[1] for f in files]
     dataset = ray.data.read_parquet(
@@ -173,15 +176,72 @@ def read_patch_table(url: str, splits: Sequence[str] | None = None) -> ray.data.
     return dataset.select_columns([c for c in PATCH_COLUMNS if c in present])
 
 
-def count_patches(url: str, splits: Sequence[str] | None = None) -> int:
-    """The number of patches in the patch table (of ``splits``), from the Parquet footers alone."""
+def count_patches(
+    url: str, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None
+) -> int:
+    """The number of patches in the patch table (of ``splits``; 0 without files), from the
+    Parquet footers alone, which are checked on the way (see :func:`check_patch_table`)."""
+    url = patch_table_url(url)
+    files = _patch_table_files(url, splits)
+    return _checked_row_count(url, files, columns) if files else 0
+
+
+def check_patch_table(
+    url: str, splits: Sequence[str] | None = None, columns: Sequence[str] | None = None
+) -> int:
+    """Check that ``url`` holds a patch table with files of ``splits``; the number of patches.
+
+    A stage calls it on its driver before any Ray work, so a wrong folder is one error naming
+    the table and what is wrong, not a traceback from a worker. Reads the Parquet footers only.
+
+    Args:
+        columns: the columns the stage reads (default: every column a patch table always has).
+
+    Raises:
+        TableError: no Parquet files (of ``splits``), a file that cannot be read, or a file
+            without one of ``columns`` (DESIGN.md §3.2).
+    """
     url = patch_table_url(url)
     files = _patch_table_files(url, splits)
     if not files:
-        return 0
+        raise TableError(_no_patch_files(url, splits))
+    return _checked_row_count(url, files, columns)
+
+
+def _no_patch_files(url: str, splits: Sequence[str] | None) -> str:
+    of_splits = f" of split {', '.join(splits)}" if splits else ""
+    return (
+        f"patch table {url}: no Parquet files{of_splits} there; expected the output folder of "
+        "`anogan-ray preprocess` (hive-partitioned by split)"
+    )
+
+
+# Columns every patch table file holds: `split` may be its folder's name instead, and tables
+# written before volume_label and spacing_source existed lack those two.
+REQUIRED_PATCH_COLUMNS = tuple(
+    c for c in PATCH_COLUMNS if c not in ("split", "volume_label", "spacing_source")
+)
+
+
+def _checked_row_count(url: str, files: list[str], columns: Sequence[str] | None) -> int:
+    """The rows of a patch table's ``files``, each footer checked for ``columns``."""
+    required = REQUIRED_PATCH_COLUMNS if columns is None else columns
     fs, _ = storage.arrow_filesystem(url)
-    paths = [storage.arrow_filesystem(f)[1] for f in files]
-    return ds.dataset(paths, filesystem=fs, format="parquet").count_rows()
+    rows = 0
+    for file in files:
+        try:
+            metadata = pq.read_metadata(storage.arrow_filesystem(file)[1], filesystem=fs)
+        except (OSError, pa.ArrowInvalid) as err:
+            raise TableError(f"patch table {url}: cannot read {file} ({err})") from err
+        names = metadata.schema.to_arrow_schema().names
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise TableError(
+                f"patch table {url}: {file} has no column {', '.join(missing)}; expected a "
+                "patch table written by `anogan-ray preprocess`"
+            )
+        rows += metadata.num_rows
+    return rows
 
 
 def _patch_table_files(url: str, splits: Sequence[str] | None) -> list[str]:

@@ -137,3 +137,43 @@ def test_a_stage_prints_its_own_lines_not_rays_chatter(tmp_path, tiny_config):
         assert chatter not in result.stderr
     assert len(lines) <= 5, "\n".join(lines)  # Ray's start (and its token warning), ours: 3
     assert json.loads(result.stdout)["volumes_read"] == 5  # the summary, for scripts
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+def test_score_refuses_an_altered_bundle_in_one_line_before_scoring(
+    ray_local, tiny_bundle, write_patch_table, synthetic_patches, tmp_path, capsys
+):
+    write_patch_table(str(tmp_path / "patches"), {"val": synthetic_patches(8, seed=3)})
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    weights = bytearray((bundle / "generator.pt").read_bytes())
+    weights[-100] ^= 0xFF  # one byte of G's weights changed after export
+    (bundle / "generator.pt").write_bytes(bytes(weights))
+    out = tmp_path / "score"
+    argv = ["score", "--patches", str(tmp_path / "patches"), "--model", str(bundle)]
+    assert main([*argv, "--out", str(out), "--config", "tiny"]) == 2
+    captured = capsys.readouterr()
+    assert _error_lines(captured.err) == [
+        f"anogan-ray score: error: model bundle {bundle}: generator.pt does not match its "
+        "recorded sha256"
+    ]
+    assert not captured.out  # no summary: nothing was scored
+    assert not list(out.rglob("*.parquet"))
+
+
+def test_train_refuses_a_table_that_is_not_a_patch_table_in_one_line(tmp_path, capsys):
+    folder = tmp_path / "not_patches" / "split=train"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"patch_id": ["a/b0000/y0000x0000"], "score": [1.0]}),
+                   folder / "part-0.parquet")  # fmt: skip
+    code = main(["train", "--patches", str(tmp_path / "not_patches"), "--out",
+                 str(tmp_path / "model"), "--config", "tiny"])  # fmt: skip
+    assert code == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line.startswith(f"anogan-ray train: error: patch table {tmp_path / 'not_patches'}: ")
+    assert line.endswith("part-0.parquet has no column pixels; expected a patch table written "
+                         "by `anogan-ray preprocess`")  # fmt: skip
+    assert not (tmp_path / "model").exists()

@@ -194,3 +194,20 @@ def load_bundle(url: str, device: Any = "cpu") -> ModelBundle:
         generator, discriminator, model_cfg, config["metadata"], model_id, baselines, encoder
     )
     return bundle.to(device)
+
+
+def verify_bundle(url: str) -> str:
+    """Check the model bundle at ``url`` as every scoring worker will load it, before any work.
+
+    A stage calls it on its driver first, so a missing, altered or incompatible bundle is one
+    error there instead of one traceback per worker. It runs :func:`load_bundle` on the CPU:
+    every member's sha256 and the ``model_id``, the format and model config, and the weights
+    fitting the architecture.
+
+    Returns:
+        The bundle's ``model_id``.
+
+    Raises:
+        BundleError: naming the bundle, the file and what is wrong with it.
+    """
+    return load_bundle(url).model_id

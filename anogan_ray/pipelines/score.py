@@ -57,7 +57,7 @@ from anogan_ray.core.invert import (
     mapping_rows,
     score_patches,
 )
-from anogan_ray.core.model import ENCODER_FILE, load_bundle
+from anogan_ray.core.model import ENCODER_FILE, load_bundle, verify_bundle
 from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.commit import commit_staged, done_keys, staging_folder
 from anogan_ray.pipelines.progress import logged_progress
@@ -349,6 +349,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         raise FileNotFoundError(f"patch table {patches}: no Parquet files found")
     ensure_ray()
     index = storage.read_json(storage.join(model, "bundle.json"))
+    verify_bundle(model)  # an altered or incompatible bundle: one error here, not one per actor
     model_id = index["model_id"]
     if cfg.mapping != "iterative" and ENCODER_FILE not in index.get("sha256", {}):
         raise ValueError(

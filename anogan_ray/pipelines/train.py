@@ -68,7 +68,7 @@ from anogan_ray.core.recipes import (
 )
 from anogan_ray.pipelines.progress import epoch_line
 from anogan_ray.ray_env import ensure_ray, hold_train_reports, train_log_level
-from anogan_ray.tables import decode_pixels, read_patch_table
+from anogan_ray.tables import count_patches, decode_pixels, patch_table_url, read_patch_table
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,10 @@ def read_training_patches(patches: str, seed: int = 0) -> TrainingPatches:
 
     Raises:
         TrainError: the table has no ``split=train`` partition or it holds no patches.
+        TableError: a file of it cannot be read or lacks a column of the patch table.
     """
-    if storage.exists(storage.join(patches, "patches")):
-        patches = storage.join(patches, "patches")  # the preprocess stage folder
-    split_url = storage.join(patches, f"split={TRAIN_SPLIT}")
-    files = storage.list_files(split_url, suffix=".parquet")
-    if not files:
-        raise TrainError(
-            f"patch table {patches}: no Parquet files under split={TRAIN_SPLIT}/ "
-            "(expected a table written by `anogan-ray preprocess`, hive-partitioned by split)"
-        )
+    patches = patch_table_url(patches)  # the table, or the preprocess stage folder holding it
+    check_training_patches(patches)
     options = ray.data.DataContext.get_current().execution_options
     saved, options.preserve_order = options.preserve_order, True  # files in order: seeded rows
     try:
@@ -131,8 +125,6 @@ def read_training_patches(patches: str, seed: int = 0) -> TrainingPatches:
     finally:
         options.preserve_order = saved
     num_patches = table.count()
-    if num_patches == 0:
-        raise TrainError(f"patch table {patches}: split={TRAIN_SPLIT} holds no patches")
     # the fingerprint depends on which patches there are, not on file names or row order
     id_hash_sum = 0
     for batch in table.select_columns(["patch_id"]).iter_batches(batch_format="numpy"):
@@ -140,6 +132,28 @@ def read_training_patches(patches: str, seed: int = 0) -> TrainingPatches:
             id_hash_sum += int.from_bytes(hashlib.sha256(str(pid).encode()).digest()[:8], "little")
     fingerprint = hashlib.sha256(f"{num_patches}:{id_hash_sum % 2**64}".encode()).hexdigest()[:16]
     return TrainingPatches(table, num_patches, fingerprint, patches)
+
+
+def check_training_patches(patches: str) -> int:
+    """Check, before any Ray work, that ``patches`` is a patch table with ``train`` patches.
+
+    Returns:
+        The number of ``train`` patches (from the Parquet footers).
+
+    Raises:
+        TrainError: the table has no ``split=train`` partition or it holds no patches.
+        TableError: a file of it cannot be read or lacks a column of the patch table.
+    """
+    url = patch_table_url(patches)
+    if not storage.list_files(storage.join(url, f"split={TRAIN_SPLIT}"), suffix=".parquet"):
+        raise TrainError(
+            f"patch table {url}: no Parquet files under split={TRAIN_SPLIT}/ "
+            "(expected a table written by `anogan-ray preprocess`, hive-partitioned by split)"
+        )
+    count = count_patches(url, [TRAIN_SPLIT], columns=["patch_id", "pixels"])  # all it reads
+    if count == 0:
+        raise TrainError(f"patch table {url}: split={TRAIN_SPLIT} holds no patches")
+    return count
 
 
 def train(patches: str, out: str, cfg: Config) -> dict:
@@ -156,6 +170,7 @@ def train(patches: str, out: str, cfg: Config) -> dict:
     """
     started = time.monotonic()
     patches, out = storage.absolute(patches), storage.absolute(out)  # workers run elsewhere
+    check_training_patches(patches)  # before Ray starts: a wrong folder is one line
     ensure_ray()
     train_cfg = cfg.train
     data = read_training_patches(patches, seed=train_cfg.seed)

@@ -60,18 +60,19 @@ from anogan_ray.config import Config, ConfigError, TuneConfig, config_from_dict
 from anogan_ray.core.export import export_bundle, exported_models
 from anogan_ray.core.invert import MAPPINGS, in_fixed_rows, invert_batch
 from anogan_ray.core.metrics import auc
-from anogan_ray.core.model import ENCODER_FILE, load_bundle
+from anogan_ray.core.model import ENCODER_FILE, load_bundle, verify_bundle
 from anogan_ray.pipelines.train import (
     RUNS_FOLDER,
     TrainingPatches,
     batchnorm_pixels,
+    check_training_patches,
     checkpoint_name,
     make_trainer,
     plan_steps,
     read_training_patches,
 )
 from anogan_ray.ray_env import ensure_ray
-from anogan_ray.tables import decode_pixels, patch_seed, read_patch_table
+from anogan_ray.tables import check_patch_table, decode_pixels, patch_seed, read_patch_table
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +194,10 @@ def load_evaluation_set(patches: str, cfg: Config) -> EvaluationSet:
     when fewer), then lesioned copies of up to ``tune.synthetic_patches`` of its healthy ones.
 
     Raises:
-        TuneError: no val split, or an objective that the val split cannot support.
+        TableError: no val split.
+        TuneError: no val patches, or an objective that the val split cannot support.
     """
-    try:
-        table = read_patch_table(patches, ["val"])
-    except FileNotFoundError as err:
-        raise TuneError(f"patch table {patches}: {err}") from err
+    table = read_patch_table(patches, ["val"])
     columns: dict[str, list] = {"patch_id": [], "label": [], "pixels": []}
     for batch in table.select_columns(list(columns)).iter_batches(batch_format="numpy"):
         for name in columns:
@@ -479,6 +478,25 @@ def mapping_settings(cfg: Config, has_encoder: bool) -> list[dict[str, Any]]:
     return [{"mapping": m, "steps": s} for m, s in sorted(pairs, key=lambda p: (p[1], p[0]))]
 
 
+def check_sweep_inputs(patches: str, model: str | None = None) -> None:
+    """Check on the driver, before Ray starts, what a sweep reads: the patch table's ``train``
+    patches (a training sweep) or the model bundle (``tune --model``), and its ``val`` patches.
+
+    Raises:
+        TrainError, TableError, BundleError: naming the input and what is wrong with it.
+        TuneError: the table has no val patches.
+    """
+    if model is None:
+        check_training_patches(patches)
+    else:
+        verify_bundle(model)
+    if check_patch_table(patches, ["val"]) == 0:
+        raise TuneError(
+            f"patch table {patches}: no val patches (a sweep trains on `train` and evaluates "
+            "on `val`; see DESIGN.md 3.2)"
+        )
+
+
 def run_mapping_trial(
     trial_config: dict[str, Any], model: str, evaluation: EvaluationSet, cfg: Config
 ) -> None:
@@ -515,6 +533,7 @@ def sweep_mappings(patches: str, model: str, out: str, cfg: Config) -> dict[str,
     """
     started = time.monotonic()
     patches, out, model = storage.absolute(patches), storage.absolute(out), storage.absolute(model)
+    check_sweep_inputs(patches, model)
     ensure_ray()
     index = storage.read_json(storage.join(model, "bundle.json"))
     settings = mapping_settings(cfg, ENCODER_FILE in index.get("sha256", {}))
@@ -652,6 +671,7 @@ def tune(
     started = time.monotonic()
     check_search_space(cfg.tune)
     patches, out = storage.absolute(patches), storage.absolute(out)  # trials run elsewhere
+    check_sweep_inputs(patches)
     ensure_ray()
     evaluation = load_evaluation_set(patches, cfg)
     if evaluation.objective == "synthetic":
