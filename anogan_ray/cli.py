@@ -24,6 +24,34 @@ _CREDENTIAL_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer")
 _CONFIG_HELP = (
     f"a preset ({', '.join(PRESETS)}) or a YAML file with the same sections (default: %(default)s)"
 )
+# One example per command, closing its --help; the stages' read and write `make demo`'s folders.
+EXAMPLES = {
+    "phantom": "anogan-ray phantom --config tiny --out cohort",
+    "manifest": "anogan-ray manifest --from scans/ --out scans.csv --label-from-folder "
+    "NORMAL=0,DME=1",
+    "preprocess": "anogan-ray preprocess --manifest demo-out/cohort/manifest.csv "
+    "--out demo-out/preprocess",
+    "train": "anogan-ray train --patches demo-out/preprocess/patches --out demo-out/model "
+    "--set train.epochs=20",
+    "score": "anogan-ray score --patches demo-out/preprocess/patches --model demo-out/model "
+    "--out demo-out/score --set score.steps=40",
+    "tune": "anogan-ray tune --patches demo-out/preprocess/patches --out demo-out/sweep "
+    "--set tune.num_samples=4",
+    "query": "anogan-ray query --scores demo-out/score/scores --aggregate volume --split test",
+    "evaluate": "anogan-ray evaluate --scores demo-out/score/scores --threshold demo-out/model",
+    "report": "anogan-ray report --scores demo-out/score/scores --patches "
+    "demo-out/preprocess/patches --model demo-out/model --out demo-out/report",
+    "demo": "anogan-ray demo --config tiny --out demo-tiny",
+}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout, but the example closing a command's help stays one line to copy."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def _add_config_options(parser: argparse.ArgumentParser, default: str = "demo") -> None:
@@ -158,8 +186,6 @@ def _query(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from anogan_ray.core import metrics
 
-    if args.level == "pixel":
-        return _evaluate_pixels(args)
     if args.compare:  # every scoring key side by side (AUCs only)
         rows = metrics.compare(args.scores, split=args.split, level=args.level,
                                aggregate=args.aggregate)  # fmt: skip
@@ -192,29 +218,6 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         storage.write_json(args.json, result)
     return {k: v for k, v in result.items() if k != "roc"}
-
-
-def _evaluate_pixels(args: argparse.Namespace) -> dict[str, Any]:
-    """``evaluate --level pixel``: the map table against the manifest's masks."""
-    from anogan_ray import storage
-    from anogan_ray.analysis.pixels import evaluate_pixels, format_pixel_table
-
-    if not args.manifest:
-        raise ValueError("--level pixel compares maps with masks: give --manifest")
-    maps = args.maps or [storage.join(storage.parent(s), "maps") for s in args.scores]
-    result = evaluate_pixels(
-        maps,
-        args.manifest,
-        key=_key(args),
-        splits=[s for s in args.split.split(",") if s],
-        percentile=args.percentile,
-        smooth_sigma=args.smooth,
-        standardize=args.standardize,
-    )
-    print(format_pixel_table(result), file=sys.stderr)
-    if args.json:
-        storage.write_json(args.json, result)
-    return result
 
 
 def _add_key_options(p: argparse.ArgumentParser) -> None:
@@ -261,8 +264,6 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
         top_k=args.top_k,
         clusters=args.clusters,
         key=_key(args),
-        manifest=args.manifest,
-        bscans=args.bscans,
     )
 
 
@@ -294,7 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
 
         ``--scores`` takes one or more score tables wherever it is a required path.
         """
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=_HelpFormatter,
+        )
         p.set_defaults(func=func)
         _add_log_options(p, top=False)
         for flag, text in paths:
@@ -482,36 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate on the val split (percentile of healthy scores, Youden's J or best F1)",
     )
     p.add_argument("--percentile", type=float, default=99.0, help="healthy percentile (99)")
-    p.add_argument(
-        "--level",
-        choices=["patch", "volume", "subject", "pixel"],
-        default="patch",
-        help="pixel: pixel AUROC, AUPRO and lesion detection of the maps (score.save_maps) "
-        "against the manifest's masks (default: %(default)s)",
-    )
-    p.add_argument(
-        "--maps", nargs="+", help="--level pixel: map table(s) (default: maps/ beside --scores)"
-    )
-    p.add_argument("--manifest", help="--level pixel: the cohort manifest (its masks)")
-    p.add_argument(
-        "--smooth",
-        type=float,
-        default=0.0,
-        metavar="SIGMA",
-        help="--level pixel: smooth every method's maps with a Gaussian of SIGMA pixels (0: off)",
-    )
-    p.add_argument(
-        "--standardize",
-        action="store_true",
-        help="--level pixel: score every method's maps against the healthy val pixels' residual "
-        "at the same reconstructed gray value (standard scores), before smoothing",
-    )
+    p.add_argument("--level", choices=["patch", "volume", "subject"], default="patch")
     p.add_argument("--aggregate", choices=["max", "mean"], default="max", help="patch -> volume")
-    p.add_argument(
-        "--split",
-        default="test",
-        help="split to evaluate; --level pixel takes several, e.g. val,test (default: %(default)s)",
-    )
+    p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     p.add_argument(
         "--json", help="also write the full result (with ROC curves of at most 2,000 points) here"
     )
@@ -537,10 +517,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to report on (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=8, help="patches in the top-k figure")
     p.add_argument("--clusters", type=int, default=4, help="marker clusters (k-means)")
-    p.add_argument("--manifest", help="cohort manifest: outline its masks on the B-scans shown")
-    p.add_argument(
-        "--bscans", type=int, default=3, help="most anomalous B-scans shown with their maps"
-    )
     _add_key_options(p)
 
     p = command(

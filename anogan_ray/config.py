@@ -9,6 +9,7 @@ overrides from the command line. Unknown sections or keys and invalid values rai
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,15 +243,30 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def _suggest_key(section: str, key: str) -> str:
+    """What to say about an unknown ``section.key``: the closest key of the section (a typo) and
+    the same key in another section, or else every key of the section."""
+    sections = dataclasses.fields(Config)
+    classes = {f.name: type(f.default_factory()) for f in sections}  # type: ignore[misc]
+    keys = [f.name for f in dataclasses.fields(classes[section])]
+    close = [f"{section}.{k}" for k in difflib.get_close_matches(str(key), keys, n=1)]
+    elsewhere = [
+        f"{other}.{key}"
+        for other, cls in classes.items()
+        if key in {f.name for f in dataclasses.fields(cls)}
+    ]
+    if close or elsewhere:
+        return f"did you mean {' or '.join(close + elsewhere)}?"
+    return f"allowed keys are {', '.join(sorted(keys))}"
+
+
 def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{name}.{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key; {_suggest_key(name, unknown[0])}")
     instance = cls()
     for key, value in values.items():
         setattr(instance, key, _check_value(name, fields[key], value))
@@ -264,9 +280,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     unknown = sorted(set(data) - set(sections))
     if unknown:
-        raise ConfigError(
-            f"{unknown[0]}: unknown section; allowed sections are {', '.join(sections)}"
+        close = difflib.get_close_matches(str(unknown[0]), list(sections), n=1)
+        hint = (
+            f"did you mean {close[0]}?" if close else "allowed sections are " + ", ".join(sections)
         )
+        raise ConfigError(f"{unknown[0]}: unknown section; {hint}")
     built = {}
     for name, f in sections.items():
         cls = f.default_factory().__class__  # type: ignore[misc]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ COMMANDS = (
     "preprocess",
     "train",
     "score",
+    "tune",
     "query",
     "evaluate",
     "report",
@@ -42,10 +45,23 @@ def test_every_stage_has_a_command_with_help(capsys):
         )
 
 
+def test_every_commands_help_ends_with_an_example_that_parses(capsys):
+    parser = build_parser()
+    (commands,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands) >= set(COMMANDS)
+    for name, command in commands.items():
+        last = command.format_help().rstrip().splitlines()[-2:]
+        assert last[0] == "example:", name
+        words = shlex.split(last[1])
+        assert words[:2] == ["anogan-ray", name]
+        args = parser.parse_args(words[1:])  # the example is a valid command line
+        assert args.command == name
+
+
 def test_a_bad_setting_is_a_clean_error_with_exit_code_2(tmp_path, capsys):
     code = main(["phantom", "--out", str(tmp_path), "--config", "tiny", "--set", "phantom.hight=3"])
     assert code == 2
-    assert "phantom.hight: unknown key" in capsys.readouterr().err
+    assert "phantom.hight: unknown key; did you mean phantom.height?" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
