@@ -23,9 +23,10 @@ errors always pass. What is left out, and the knob that does it:
   ``use_ray_tqdm`` for datasets made in a worker (``RAY_TQDM``). A local Ray's workers inherit it
   from the driver's environment when :func:`ensure_ray` starts it; a job on a cluster gets it from
   ``cluster/runtime_env.yaml`` (or its RayJob manifest), which a test ties to this module;
-- Ray Train's "Reporting training result ...", "Checkpoint successfully created ..." and worker
-  group lines, in its controller and workers: ``RunConfig(logging_config=LoggingConfig(
-  log_level=train_log_level()))``, which travels with the trainer.
+- Ray Train's "Checkpoint successfully created ..." and worker-group lines, in its controller
+  and workers: ``RunConfig(logging_config=LoggingConfig(log_level=train_log_level()))``, which
+  travels with the trainer; its "Reporting training result ..." lines, which that setting does
+  not reach: :func:`hold_train_reports`, called by the training loop in each worker.
 """
 
 from __future__ import annotations
