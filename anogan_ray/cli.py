@@ -186,6 +186,8 @@ def _query(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from anogan_ray.core import metrics
 
+    if args.level == "pixel":
+        return _evaluate_pixels(args)
     if args.compare:  # every scoring key side by side (AUCs only)
         rows = metrics.compare(args.scores, split=args.split, level=args.level,
                                aggregate=args.aggregate)  # fmt: skip
@@ -218,6 +220,29 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         storage.write_json(args.json, result)
     return {k: v for k, v in result.items() if k != "roc"}
+
+
+def _evaluate_pixels(args: argparse.Namespace) -> dict[str, Any]:
+    """``evaluate --level pixel``: the map table against the manifest's masks."""
+    from anogan_ray import storage
+    from anogan_ray.analysis.pixels import evaluate_pixels, format_pixel_table
+
+    if not args.manifest:
+        raise ValueError("--level pixel compares maps with masks: give --manifest")
+    maps = args.maps or [storage.join(storage.parent(s), "maps") for s in args.scores]
+    result = evaluate_pixels(
+        maps,
+        args.manifest,
+        key=_key(args),
+        splits=[s for s in args.split.split(",") if s],
+        percentile=args.percentile,
+        smooth_sigma=args.smooth,
+        standardize=args.standardize,
+    )
+    print(format_pixel_table(result), file=sys.stderr)
+    if args.json:
+        storage.write_json(args.json, result)
+    return result
 
 
 def _add_key_options(p: argparse.ArgumentParser) -> None:
@@ -264,6 +289,8 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
         top_k=args.top_k,
         clusters=args.clusters,
         key=_key(args),
+        manifest=args.manifest,
+        bscans=args.bscans,
     )
 
 
@@ -489,9 +516,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate on the val split (percentile of healthy scores, Youden's J or best F1)",
     )
     p.add_argument("--percentile", type=float, default=99.0, help="healthy percentile (99)")
-    p.add_argument("--level", choices=["patch", "volume", "subject"], default="patch")
+    p.add_argument(
+        "--level",
+        choices=["patch", "volume", "subject", "pixel"],
+        default="patch",
+        help="pixel: pixel AUROC, AUPRO and lesion detection of the maps (score.save_maps) "
+        "against the manifest's masks (default: %(default)s)",
+    )
+    p.add_argument(
+        "--maps", nargs="+", help="--level pixel: map table(s) (default: maps/ beside --scores)"
+    )
+    p.add_argument("--manifest", help="--level pixel: the cohort manifest (its masks)")
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="--level pixel: smooth every method's maps with a Gaussian of SIGMA pixels (0: off)",
+    )
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="--level pixel: score every method's maps against the healthy val pixels' residual "
+        "at the same reconstructed gray value (standard scores), before smoothing",
+    )
     p.add_argument("--aggregate", choices=["max", "mean"], default="max", help="patch -> volume")
-    p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="split to evaluate; --level pixel takes several, e.g. val,test (default: %(default)s)",
+    )
     p.add_argument(
         "--json", help="also write the full result (with ROC curves of at most 2,000 points) here"
     )
@@ -517,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to report on (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=8, help="patches in the top-k figure")
     p.add_argument("--clusters", type=int, default=4, help="marker clusters (k-means)")
+    p.add_argument("--manifest", help="cohort manifest: outline its masks on the B-scans shown")
+    p.add_argument(
+        "--bscans", type=int, default=3, help="most anomalous B-scans shown with their maps"
+    )
     _add_key_options(p)
 
     p = command(

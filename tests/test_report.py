@@ -38,6 +38,9 @@ def test_full_report_writes_every_picture(scored_cohort, tmp_path):
     assert result["skipped"] == {}
     expected = {"roc", "histograms", "top_k", "tsne", "markers", "volume_p0_od", "volume_p1_od"}
     expected.add("quality")
+    where = {name for name in result["images"] if name.startswith("where_")}
+    assert len(where) == 3  # the three B-scans with the highest patch A, with their maps
+    expected |= where
     assert set(result["images"]) == expected
     for url in result["images"].values():
         with Image.open(url) as image:
@@ -61,7 +64,7 @@ def test_report_refuses_a_bundle_that_did_not_score_the_rows(scored_cohort, tiny
 def test_report_skips_what_it_cannot_draw(scored_cohort, tmp_path):
     result = report.report(scored_cohort["scores"], str(tmp_path / "r"), volumes=1)
     assert set(result["images"]) == {"roc", "histograms", "volume_p0_od"}
-    assert {"top_k", "tsne", "markers", "bscan heat maps"} <= set(result["skipped"])
+    assert {"top_k", "tsne", "markers", "bscan heat maps", "where"} <= set(result["skipped"])
     assert "--patches" in result["skipped"]["tsne"]
     assert "Skipped" in (tmp_path / "r" / "index.html").read_text()
 

@@ -6,8 +6,8 @@ index otherwise:
 ==================  ==================================================  ====================
 picture             shows                                               needs
 ==================  ==================================================  ====================
-``roc.png``         ROC curves of A, GAN_R, P_D and of R, D, D^ (Fig.   scores with labels
-                    4 a, b)
+``roc.png``         ROC curves of A, GAN_R, P_D, the aCAE and PCA (the  scores with labels
+                    paper's Table 1) and of R, D, D^ (Fig. 4 a, b)
 ``histograms.png``  R and D for normal vs anomalous patches (Fig. 4     scores with labels
                     c, d)
 ``enface_*.png``    per volume: max patch score over B-scan index x     scores
@@ -16,6 +16,9 @@ picture             shows                                               needs
                     from the grid patches: flattened, resampled frame)
 ``top_k.png``       the most anomalous patches: input, G(z), residual   scores, patches,
                     overlay, annotation (Fig. 3)                        model (+ z or invert)
+``where_*.png``     the most anomalous B-scans: per method (A, aCAE,    scores with z,
+                    PCA) the B-scan, its stitched reconstruction and    patches, model
+                    the residual over it, the mask outlined (Fig. 3)    (+ manifest)
 ``tsne.png``        t-SNE of D's last-convolution features, normal vs   scores, patches, model
                     anomalous (Fig. 2 b)
 ``markers.png``     marker discovery: k-means clusters of the most      scores, patches, model
@@ -66,7 +69,8 @@ from anogan_ray.tables import (  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-_ROC_PANELS = (("A", "GAN_R", "P_D"), ("R", "D", "D_ref"))  # Fig. 4 a and b
+# Fig. 4 a (every row of the paper's Table 1, and PCA) and b (A's parts)
+_ROC_PANELS = (("A", "GAN_R", "P_D", "aCAE", "PCA"), ("R", "D", "D_ref"))
 _LABEL_NAMES = {1: "anomalous", 0: "normal", -1: "unknown"}
 
 
@@ -194,7 +198,8 @@ def _save(fig: plt.Figure, url: str) -> str:
 
 def _roc_figure(evaluation: dict[str, Any]) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    for ax, names, title in zip(axes, _ROC_PANELS, ("(a) anomaly scores", "(b) score parts")):
+    titles = ("(a) anomaly scores and baselines (Table 1)", "(b) score parts")
+    for ax, names, title in zip(axes, _ROC_PANELS, titles):
         for name in names:
             row = evaluation["scores"].get(name)
             if row is None:
@@ -389,6 +394,111 @@ def _top_k_figure(rows: pd.DataFrame, pixels: np.ndarray, generated: np.ndarray)
     return fig
 
 
+def _outline(ax: plt.Axes, mask: np.ndarray | None) -> None:
+    if mask is not None and mask.any():
+        ax.contour(mask != 0, levels=[0.5], colors="cyan", linewidths=0.8)
+
+
+def _where_figure(
+    title: str,
+    image: np.ndarray,
+    reconstructions: dict[str, np.ndarray],
+    residuals: dict[str, np.ndarray],
+    mask: np.ndarray | None,
+    scales: dict[str, float],
+) -> plt.Figure:
+    """One B-scan (flattened frame): per method a row of the B-scan, the stitched
+    reconstruction and the residual over the B-scan, the mask outlined (the paper's Fig. 3)."""
+    names = {"A": "G(z_Γ)", "aCAE": "Dec(E(x))", "PCA": "PCA x̂"}
+    rows = len(residuals)
+    aspect = image.shape[0] / max(image.shape[1], 1)
+    fig, axes = plt.subplots(
+        rows, 3, figsize=(12, 0.4 + 4 * aspect * rows + 0.3 * rows), squeeze=False
+    )
+    for i, method in enumerate(residuals):
+        axes[i, 0].imshow(np.nan_to_num(image, nan=-1), cmap="gray", vmin=-1, vmax=1)
+        _outline(axes[i, 0], mask)
+        axes[i, 1].imshow(
+            np.nan_to_num(reconstructions[method], nan=-1), cmap="gray", vmin=-1, vmax=1
+        )
+        axes[i, 2].imshow(np.nan_to_num(image, nan=-1), cmap="gray", vmin=-1, vmax=1)
+        shown = axes[i, 2].imshow(
+            np.ma.masked_invalid(residuals[method]), cmap="hot", alpha=0.6, vmin=0,
+            vmax=scales[method],
+        )  # fmt: skip
+        _outline(axes[i, 2], mask)
+        fig.colorbar(shown, ax=axes[i, 2], fraction=0.03, pad=0.01)
+        axes[i, 0].set_ylabel(method)
+        axes[i, 0].set_title("B-scan x" + (" (cyan: annotation)" if i == 0 else ""), fontsize=9)
+        axes[i, 1].set_title(f"{method}: stitched {names.get(method, 'x̂')}", fontsize=9)
+        axes[i, 2].set_title(f"{method}: residual |x − x̂| over x", fontsize=9)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title)
+    return fig
+
+
+def _where(
+    con: duckdb.DuckDBPyConnection,
+    scores: str | Sequence[str],
+    key: str,
+    patches: str,
+    bundle: Any,
+    manifest: str | None,
+    split: str,
+    count: int,
+) -> list[tuple[str, plt.Figure]]:
+    """Figures of the ``count`` B-scans of ``split`` with the highest patch A: each method's
+    stitched reconstruction and residual (core.maps, as the map table holds them)."""
+    import torch
+
+    from anogan_ray.core.maps import available_methods, reconstructions, stitch
+    from anogan_ray.data.masks import frame_masks
+    from anogan_ray.data.volumes import read_manifest
+    from anogan_ray.tables import geometry_url, read_geometry
+
+    worst = con.execute(
+        "SELECT volume_id, bscan, MAX(anomaly_score) AS a FROM scores WHERE split = ? "
+        "AND isfinite(anomaly_score) GROUP BY 1, 2 ORDER BY a DESC, 1, 2 LIMIT ?",
+        [split, count],
+    ).fetchall()
+    records = {}
+    if manifest:
+        records = {str(r["volume_id"]): r for r in read_manifest(manifest).to_dict("records")}
+    methods = available_methods(bundle)
+    drawn = []
+    for volume_id, bscan, top in worst:
+        meta, pixels = read_patches(
+            patches,
+            (ds.field("volume_id") == volume_id) & (ds.field("bscan") == bscan),
+            columns=["y", "x"],
+        )
+        z = _latents(scores, key, list(meta["patch_id"]))
+        if z is None:
+            return []
+        x = decode_pixels(pixels)  # (n, 64, 64)
+        rebuilt = reconstructions(bundle, torch.from_numpy(x)[:, None], z, methods)
+        ys, xs = meta["y"].to_numpy(), meta["x"].to_numpy()
+        image = stitch(x, ys, xs)
+        region = (slice(image.top, image.top + image.values.shape[0]),
+                  slice(image.left, image.left + image.values.shape[1]))  # fmt: skip
+        recon = {m: stitch(r, ys, xs).values for m, r in rebuilt.items()}
+        residual = {m: stitch(np.abs(x - r), ys, xs).values for m, r in rebuilt.items()}
+        mask = None
+        geometry = read_geometry(geometry_url(patches), volume_id)
+        if volume_id in records and geometry is not None:
+            masks = frame_masks(records[volume_id], {bscan: geometry[bscan]})
+            mask = masks[bscan][region] if bscan in masks else None
+        scales = {m: float(np.nanpercentile(r, 99.9)) or 1.0 for m, r in residual.items()}
+        title = f"{volume_id}, B-scan {bscan}: max patch A {top:.4g}"
+        name = "where_" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in volume_id)
+        drawn.append(
+            (f"{name}_b{bscan}", _where_figure(title, image.values, recon, residual, mask, scales))
+        )
+    return drawn
+
+
 def _tsne_figure(embedding: np.ndarray, labels: np.ndarray) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for label, color in ((0, "tab:blue"), (1, "tab:red"), (-1, "tab:gray")):
@@ -473,6 +583,8 @@ def report(
     marker_patches: int = 150,
     clusters: int = 4,
     seed: int = 0,
+    manifest: str | None = None,
+    bscans: int = 3,
 ) -> dict[str, Any]:
     """Draw the report of a score table into ``out`` (PNGs, ``markers.parquet``, ``index.html``).
 
@@ -492,6 +604,8 @@ def report(
         marker_patches: most anomalous patches clustered for marker discovery.
         clusters: k-means clusters.
         seed: seed of sampling, t-SNE and k-means.
+        manifest: the cohort manifest: its masks are outlined on the B-scans of ``where_*``.
+        bscans: most anomalous B-scans in the ``where_*`` figures (needs stored z).
 
     Returns:
         ``{"out", "index", "images": {name: url}, "skipped": {name: reason}, "auc": {...},
@@ -607,6 +721,21 @@ def report(
             )
             captions["top_k"] = (
                 f"The {len(top)} most anomalous patches: input, G(z), residual (Fig. 3)."
+            )
+
+    if bundle is None:
+        skipped["where"] = need
+    else:
+        figures = _where(con, scores, key, patches, bundle, manifest, split, bscans)
+        if not figures:
+            skipped["where"] = "the score table has no stored z (score.save_z=true) to draw G(z)"
+        for name, fig in figures:
+            images[name] = _save(fig, storage.join(out, f"{name}.png"))
+            captions[name] = (
+                "Where, as the paper's Fig. 3 shows it: the B-scan (flattened, resampled frame), "
+                "each method's reconstruction stitched from its grid patches (overlaps averaged) "
+                "and its residual |x − x̂| over the B-scan"
+                + (", the annotation outlined in cyan." if manifest else ".")
             )
 
     if bundle is None:
