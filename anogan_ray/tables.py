@@ -270,7 +270,7 @@ def open_dataset(urls: str | Sequence[str], what: str = "score table") -> ds.Dat
         if not files:
             raise TableError(
                 f"{what} {url}: no Parquet files there; expected the output folder of "
-                f"`anogan-ray {'score' if what == 'score table' else 'preprocess'}`"
+                f"`anogan-ray {'preprocess' if what == 'patch table' else 'score'}`"
             )
         fs, base = storage.arrow_filesystem(url)
         paths = [storage.filesystem(f)[1] for f in files]
@@ -547,3 +547,156 @@ def read_scores(
         keep = keep & where
     frame = dataset.to_table(columns=wanted, filter=keep).to_pandas()
     return frame, chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# The geometry table (written by preprocess) and the map table (written by the map pass)
+# ---------------------------------------------------------------------------------------------
+
+# Columns of the geometry table, one row per B-scan, one file per volume
+# (``<preprocess stage>/geometry/<sha1 of volume_id>.parquet``, :func:`geometry_file`).
+GEOMETRY_COLUMNS = (
+    "volume_id",  # str
+    "bscan",  # int32
+    "x_scale",  # float64, original columns per frame column
+    "y_scale",  # float64, original rows per frame row (1 except for enlarged images)
+    "bm_row",  # int32, the row BM was moved to (-1 for modality image)
+    "shift",  # list<int32> (frame width,): original row = frame row - shift[x] (before y_scale)
+    "ilm",  # list<float32>: ILM row per column in the resampled, unflattened frame
+    "bm",  # list<float32>: BM row likewise
+)
+
+# The map table: one row per scored B-scan, method and scoring key (see docs/maps.md and
+# DESIGN.md §3.4a). ``residual`` holds the stitched map |x − x̂| as little-endian float16 and
+# ``reconstruction`` the stitched x̂ as uint8 (the pixel codec), each ``height`` x ``width``
+# values, row-major, covering frame rows [top, top + height) and columns [left, left + width)
+# of the flattened frame; the residual is NaN where no scored patch covers a pixel.
+MAP_COLUMNS = (
+    "volume_id",  # str
+    "subject_id",  # str
+    "bscan",  # int32
+    "split",  # str
+    "method",  # str: A (|x - G(z_Γ)|), aCAE (|x - Dec(E(x))|) or PCA (|x - x̂|)
+    "combine",  # str: how overlapping patches' residuals were combined (mean or max)
+    "top",  # int32: frame row of the map's first row
+    "left",  # int32: frame column of the map's first column
+    "height",  # int32
+    "width",  # int32
+    "residual",  # binary: float16 little-endian, height * width values (decode_map)
+    "reconstruction",  # binary: the stitched reconstruction x̂ (mean of the patches'), uint8
+    # row-major through the pixel codec (clipped to [-1, 1]; decode_reconstruction)
+    "patches",  # int32: patches stitched into the map
+    "frame_width",  # int32: columns of the flattened frame (-1 when the geometry is unknown)
+    "x_scale",  # float64: original columns per frame column (NaN when unknown)
+    "y_scale",  # float64: original rows per frame row (NaN when unknown)
+    "shift",  # list<int32> (frame_width,) or null: original row = (row - shift[col]) * y_scale
+    *KEY_COLUMNS,
+)
+MAP_DTYPE = np.dtype("<f2")  # stored value type of a map
+
+
+def geometry_url(patches: str) -> str:
+    """The geometry table folder of a preprocess stage, given the stage folder or its
+    ``patches`` folder (which may not exist: a patch table written by other means)."""
+    if storage.exists(storage.join(patches, "patches")):
+        return storage.join(patches, "geometry")
+    return storage.join(storage.parent(patches), "geometry")
+
+
+def geometry_file(folder: str, volume_id: str) -> str:
+    """The one file of the geometry table that holds ``volume_id``'s B-scans."""
+    return storage.join(folder, hashlib.sha1(volume_id.encode()).hexdigest() + ".parquet")
+
+
+def read_geometry(folder: str, volume_id: str) -> dict[int, dict[str, Any]] | None:
+    """One volume's rows of the geometry table, by B-scan; None when the volume has no file.
+
+    Raises:
+        TableError: the file exists but is not a geometry table.
+    """
+    url = geometry_file(folder, volume_id)
+    if not storage.exists(url):
+        return None
+    fs, path = storage.arrow_filesystem(url)
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise TableError(f"geometry table file {url}: cannot be read ({err})") from err
+    missing = [c for c in ("volume_id", "bscan", "x_scale", "shift") if c not in table.schema.names]
+    if missing:
+        raise TableError(f"geometry table file {url}: missing column(s) {', '.join(missing)}")
+    return {int(row["bscan"]): row for row in table.to_pylist() if row["volume_id"] == volume_id}
+
+
+def encode_map(values: np.ndarray) -> bytes:
+    """A float map -> the bytes of the ``residual`` column (float16, row-major)."""
+    return np.ascontiguousarray(values, dtype=MAP_DTYPE).tobytes()
+
+
+def decode_map(data: bytes, height: int, width: int) -> np.ndarray:
+    """The ``residual`` column's bytes -> a float32 (height, width) map (NaN where uncovered).
+
+    Raises:
+        TableError: the bytes do not hold height x width float16 values.
+    """
+    if len(data) != height * width * MAP_DTYPE.itemsize:
+        raise TableError(f"map of {len(data)} bytes cannot hold {height} x {width} float16 values")
+    return np.frombuffer(data, MAP_DTYPE).astype(np.float32).reshape(height, width)
+
+
+def encode_reconstruction(values: np.ndarray) -> bytes:
+    """A stitched reconstruction in [-1, 1] -> the ``reconstruction`` column's bytes (uint8 by
+    the pixel codec; NaN where uncovered is stored as -1)."""
+    return encode_pixels(np.nan_to_num(values, nan=-1.0)).tobytes()
+
+
+def decode_reconstruction(data: bytes, height: int, width: int) -> np.ndarray:
+    """The ``reconstruction`` column's bytes -> float32 (height, width) in [-1, 1].
+
+    Raises:
+        TableError: the bytes do not hold height x width values.
+    """
+    if len(data) != height * width:
+        raise TableError(f"reconstruction of {len(data)} bytes cannot hold {height} x {width}")
+    return decode_pixels(np.frombuffer(data, np.uint8).reshape(height, width))
+
+
+def map_schema() -> pa.Schema:
+    """The Arrow schema of a map table file."""
+    types = {
+        "bscan": pa.int32(), "top": pa.int32(), "left": pa.int32(), "height": pa.int32(),
+        "width": pa.int32(), "patches": pa.int32(), "frame_width": pa.int32(),
+        "x_scale": pa.float64(), "y_scale": pa.float64(), "shift": pa.list_(pa.int32()),
+        "residual": pa.binary(), "reconstruction": pa.binary(), "lambda": pa.float64(),
+        "steps": pa.int32(), "z_lr": pa.float64(),
+    }  # fmt: skip
+    return pa.schema([(c, types.get(c, pa.string())) for c in MAP_COLUMNS])
+
+
+def map_table_url(url: str) -> str:
+    """The ``maps`` folder of a score stage folder (or ``url`` itself)."""
+    inner = storage.join(url, "maps")
+    return inner if storage.exists(inner) else url
+
+
+def read_maps(
+    urls: str | Sequence[str],
+    key: str | dict[str, Any] | ScoringKey | None = None,
+    where: ds.Expression | None = None,
+    columns: Sequence[str] | None = None,
+) -> tuple[pa.Table, ScoringKey]:
+    """One scoring key's rows of map table(s) (those ``where`` keeps), and that key.
+
+    Read a large table in parts (``where`` on ``volume_id``): a B-scan's map of one method is
+    ~100 KB decoded.
+    """
+    urls = [map_table_url(u) for u in as_list(urls)]
+    dataset = open_dataset(urls, what="map table")
+    if isinstance(key, ScoringKey):
+        chosen = key
+    else:
+        chosen = select_key(dataset, key, f"map table {', '.join(urls)}")
+    keep = chosen.expression() if where is None else chosen.expression() & where
+    names = dataset.schema.names
+    wanted = [c for c in (columns or names) if c in names]
+    return dataset.to_table(columns=wanted, filter=keep), chosen
