@@ -429,8 +429,9 @@ def test_report_shows_where_with_every_methods_maps(
     where = [name for name in result["images"] if name.startswith("where_")]
     assert len(where) == 2
     for name in where:
-        with Image.open(result["images"][name]) as image:
-            assert image.size[1] > image.size[0] / 2  # three rows: A, aCAE, PCA
+        with Image.open(result["images"][name]) as image:  # A, aCAE, PCA side by side
+            assert image.size[0] > image.size[1]
+            assert np.asarray(image.convert("L")).std() > 5  # not a blank canvas
 
 
 def test_healthy_standardization_scores_a_residual_by_its_gray_values_noise():

@@ -407,34 +407,37 @@ def _where_figure(
     mask: np.ndarray | None,
     scales: dict[str, float],
 ) -> plt.Figure:
-    """One B-scan (flattened frame): per method a row of the B-scan, the stitched
-    reconstruction and the residual over the B-scan, the mask outlined (the paper's Fig. 3)."""
+    """One B-scan (flattened frame), the methods side by side: the top row holds the B-scan and
+    each method's stitched reconstruction, the bottom row the annotation and each method's
+    residual over the B-scan (the paper's Fig. 3), the annotation outlined in cyan."""
     names = {"A": "G(z_Γ)", "aCAE": "Dec(E(x))", "PCA": "PCA x̂"}
-    rows = len(residuals)
+    columns = 1 + len(residuals)
     aspect = image.shape[0] / max(image.shape[1], 1)
-    fig, axes = plt.subplots(
-        rows, 3, figsize=(12, 0.4 + 4 * aspect * rows + 0.3 * rows), squeeze=False
-    )
-    for i, method in enumerate(residuals):
-        axes[i, 0].imshow(np.nan_to_num(image, nan=-1), cmap="gray", vmin=-1, vmax=1)
-        _outline(axes[i, 0], mask)
-        axes[i, 1].imshow(
+    fig, axes = plt.subplots(2, columns, figsize=(4 * columns, 0.6 + 8 * aspect), squeeze=False)
+    shown_image = np.nan_to_num(image, nan=-1)
+    axes[0, 0].imshow(shown_image, cmap="gray", vmin=-1, vmax=1)
+    axes[0, 0].set_title("B-scan x", fontsize=9)
+    axes[1, 0].imshow(shown_image, cmap="gray", vmin=-1, vmax=1)
+    if mask is not None:
+        axes[1, 0].imshow(np.ma.masked_equal(mask, 0), cmap="cool", alpha=0.6)
+    axes[1, 0].set_title("annotation" if mask is not None else "no annotation", fontsize=9)
+    for j, method in enumerate(residuals, start=1):
+        axes[0, j].imshow(
             np.nan_to_num(reconstructions[method], nan=-1), cmap="gray", vmin=-1, vmax=1
         )
-        axes[i, 2].imshow(np.nan_to_num(image, nan=-1), cmap="gray", vmin=-1, vmax=1)
-        shown = axes[i, 2].imshow(
-            np.ma.masked_invalid(residuals[method]), cmap="hot", alpha=0.6, vmin=0,
-            vmax=scales[method],
+        axes[0, j].set_title(f"{method}: stitched {names.get(method, 'x̂')}", fontsize=9)
+        axes[1, j].imshow(shown_image, cmap="gray", vmin=-1, vmax=1)
+        scale = scales[method]
+        shown = axes[1, j].imshow(  # the largest third of the scale, over the B-scan
+            np.ma.masked_less(np.nan_to_num(residuals[method]), scale / 3), cmap="hot",
+            alpha=0.75, vmin=0, vmax=scale,
         )  # fmt: skip
-        _outline(axes[i, 2], mask)
-        fig.colorbar(shown, ax=axes[i, 2], fraction=0.03, pad=0.01)
-        axes[i, 0].set_ylabel(method)
-        axes[i, 0].set_title("B-scan x" + (" (cyan: annotation)" if i == 0 else ""), fontsize=9)
-        axes[i, 1].set_title(f"{method}: stitched {names.get(method, 'x̂')}", fontsize=9)
-        axes[i, 2].set_title(f"{method}: residual |x − x̂| over x", fontsize=9)
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+        _outline(axes[1, j], mask)
+        fig.colorbar(shown, ax=axes[1, j], fraction=0.03, pad=0.01, orientation="horizontal")
+        axes[1, j].set_title(f"{method}: residual |x − x̂|", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.suptitle(title)
     return fig
 
