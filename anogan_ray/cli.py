@@ -501,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         _evaluate,
         "ROC/AUC of A, R, D, p_d and GAN_R and the paper's table (precision, recall, "
-        "sensitivity, specificity, AUC) at a calibrated threshold, at patch, volume or subject level.",
+        "sensitivity, specificity, AUC) at a calibrated threshold, at patch, volume or subject "
+        "level; --level pixel: pixel AUROC, AUPRO and lesion detection of each method's maps "
+        "against the manifest's masks.",
         [("--scores", "one or more score tables")],
     )
     p.add_argument(
