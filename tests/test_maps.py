@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from anogan_ray.core.maps import reconstructions, residual_maps, stitch
 from anogan_ray.data import phantom, retina
 from anogan_ray.data.masks import frame_masks
 from anogan_ray.data.volumes import read_manifest
+from anogan_ray.pipelines import maps as maps_pass
 from anogan_ray.pipelines.maps import write_maps
 from anogan_ray.pipelines.preprocess import preprocess
 from anogan_ray.pipelines.score import score, scoring_key
@@ -273,7 +276,7 @@ def test_maps_without_stored_z_are_refused_with_the_reason(cohort, bundle_with_b
 
 
 def test_killed_map_pass_resumes_and_writes_every_map_exactly_once(
-    ray_local, tmp_path, tiny_bundle, write_patch_table, synthetic_patches
+    ray_local, tmp_path, tiny_bundle, write_patch_table, synthetic_patches, caplog, monkeypatch
 ):
     patches = str(tmp_path / "patches")
     n = 8 * 120  # 120 B-scans of 8 patches
@@ -302,6 +305,8 @@ def test_killed_map_pass_resumes_and_writes_every_map_exactly_once(
     written = len(list(maps.glob("*.parquet")))
     assert 3 <= written < 60
 
+    monkeypatch.setattr(maps_pass, "PROGRESS_EVERY_S", 0.2)
+    caplog.set_level(logging.INFO, logger="anogan_ray")
     resumed = write_maps(patches, tiny_bundle, out, key, cfg, bscans_per_task=2)
     table, _ = tables.read_maps(out, key, columns=["volume_id", "bscan", "method"])
     ids = list(zip(*(table[c].to_pylist() for c in ("volume_id", "bscan", "method"))))
@@ -309,6 +314,11 @@ def test_killed_map_pass_resumes_and_writes_every_map_exactly_once(
     assert 0 < resumed["bscans_written"] < 120
     assert resumed["bscans_already_drawn"] + resumed["bscans_written"] == 120
     assert not (tmp_path / "score" / "_staging_maps").exists()
+    # progress: "drew the maps of 40 / 97 B-scans (41.2 %), 6.1 B-scans/s, about 9 s left"
+    left = resumed["bscans_written"]
+    pattern = re.compile(rf"drew the maps of (\d+) / {left} B-scans .*B-scans/s, about .+ left")
+    counts = [int(m.group(1)) for r in caplog.records if (m := pattern.fullmatch(r.getMessage()))]
+    assert counts and counts == sorted(counts) and counts[-1] < left
 
 
 # ---------------------------------------------------------------------------------------------

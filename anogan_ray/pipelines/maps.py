@@ -19,7 +19,8 @@ next run completes exactly those. One run per scoring key at a time (as for the 
 
 Memory: the driver holds the list of B-scan ids; each task reads only its group's score rows
 (pyarrow filters on ``volume_id``) and patch pixels, and at most ``2 x CPUs`` tasks are in
-flight. Ray runs the tasks; the maps themselves are plain numpy and torch.
+flight. Ray runs the tasks; the maps themselves are plain numpy and torch. The driver logs how
+many B-scans are done, the rate and the time left every 15 s.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import ray
 from anogan_ray import storage, tables
 from anogan_ray.config import ScoreConfig
 from anogan_ray.pipelines import ensure_ray
+from anogan_ray.pipelines.progress import PROGRESS_EVERY_S, rate_line
 from anogan_ray.tables import ScoringKey, TableError
 
 log = logging.getLogger(__name__)
@@ -306,14 +308,27 @@ def write_maps(
     limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     totals = {"bscans": 0, "maps": 0, "patches": 0, "bytes": 0}
     in_flight: list[ray.ObjectRef] = []
+    drawing = time.perf_counter()
+    last_line = drawing
+
+    def collect(wanted: int) -> None:
+        """Wait for ``wanted`` tasks to finish, add their counts; a progress line now and then."""
+        nonlocal in_flight, totals, last_line
+        ready, in_flight = ray.wait(in_flight, num_returns=wanted)
+        for counts in ray.get(ready):
+            totals = {k: totals[k] + counts[k] for k in totals}
+        now = time.perf_counter()
+        if now - last_line >= PROGRESS_EVERY_S and in_flight:
+            rate = totals["bscans"] / (now - drawing)
+            log.info(rate_line(totals["bscans"], len(pending), rate, "drew the maps of", "B-scans"))
+            last_line = now
+
     for group in groups:
         if len(in_flight) >= limit:
-            ready, in_flight = ray.wait(in_flight, num_returns=1)
-            for counts in ray.get(ready):
-                totals = {k: totals[k] + counts[k] for k in totals}
+            collect(1)
         in_flight.append(task.remote(patches, model, out, key, group, combine))
-    for counts in ray.get(in_flight):
-        totals = {k: totals[k] + counts[k] for k in totals}
+    while in_flight:
+        collect(1)
     storage.remove(_staging(out, key))
     if not storage.is_remote(out):  # the shared parent, once no key stages anything
         with contextlib.suppress(OSError):
