@@ -5,10 +5,19 @@
 - The score table: the patch table's columns but ``pixels``, plus scores, keyed by
   (``patch_id``, scoring key); a table may hold several scoring keys (models, λ, Γ, z's rate,
   mappings), and every reader selects exactly one (:func:`select_key`).
+- The geometry table (preprocess, ``geometry/``): per B-scan, how its flattened, resampled frame
+  maps back to the original (:data:`GEOMETRY_COLUMNS`, one file per volume: :func:`read_geometry`).
+- The map table (score with ``score.save_maps``, ``maps/``; DESIGN.md §3.4a, docs/maps.md): one
+  row per scored B-scan, method (A, aCAE, PCA) and scoring key, the residual |x − x̂| stitched
+  onto the frame as float16 and the stitched x̂ as uint8, with the map's place in the frame
+  (``top``, ``left``, ``height``, ``width``) and the frame-to-original mapping (``x_scale``,
+  ``y_scale``, ``shift``) (:data:`MAP_COLUMNS`, :func:`decode_map`, :func:`read_maps`); exactly
+  once per scoring key, like the score table.
 - One reader per table: :func:`read_patch_table` (Ray Data, for the pipelines; its rows are
   counted by :func:`count_patches`), :func:`open_dataset` (pyarrow, for analysis; :func:`connect`
   registers it with DuckDB, which is how evaluate, query and report read a score table of any
-  size), :func:`read_scores` (one key's rows in pandas: small tables and selected rows only).
+  size), :func:`read_scores` (one key's rows in pandas: small tables and selected rows only),
+  :func:`read_maps` (one key's map rows, a few volumes at a time).
 
 Importing this module does not import Ray (the torch core uses the patch ids and the codec).
 """
