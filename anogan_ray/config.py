@@ -36,6 +36,10 @@ def _at_least(minimum: float, default: Any) -> Any:
     return field(default=default, metadata={"min": minimum})
 
 
+def _auto_or_bool(default: Any = "auto") -> Any:
+    return field(default=default, metadata={"auto_or_bool": True})
+
+
 def _unit(default: float) -> Any:
     return field(default=default, metadata={"min": 0.0, "max": 1.0})
 
@@ -137,8 +141,8 @@ class ScoreConfig:
         "iterative", "encoder", "encoder+iterative", default="iterative"
     )  # z_1 from the patch id's seed (the paper) or E(x) (f-AnoGAN), then Γ steps
     z_lr: float = _positive(0.01)  # Adam learning rate of z (the paper does not give one)
-    batch_size: int = _at_least(1, 64)  # patches per scoring call (scores do not depend on it;
-    # on CUDA a multiple of the mapping's rows, which the actors log, wastes nothing on padding)
+    batch_size: int = _at_least(1, 64)  # patches per scoring call on CPU (scores do not depend
+    # on it); on CUDA rounded up to a multiple of the largest fixed-shape batch of the mapping
     num_actors: int = _at_least(0, 0)  # scoring actors (0: one per GPU, or per CPU)
     reference_score: bool = False  # also run the GAN_R mapping (Yeh et al. discrimination loss)
     save_z: bool = False  # keep the final z in the score table
@@ -148,14 +152,23 @@ class ScoreConfig:
     device: str = _choices("auto", "cpu", "cuda", default="auto")  # where inversion runs; auto:
     # GPUs whenever the cluster has or its autoscaler can add them, else CPU
     gpu_wait_s: float = _positive(600.0)  # how long a GPU job waits for the autoscaler's first GPU
-    precision: str = _choices("fp32", "tf32", "bf16", default="fp32")  # arithmetic of the Γ
-    # mapping steps: true fp32, TF32 (CUDA) or bfloat16 autocast; scores at z_Γ always in fp32;
-    # a fast one is checked against fp32 on the first batch and switched off beyond tolerance
-    compile: bool = False  # torch.compile the mapping step (CUDA graphs on GPUs): compiling costs
-    # tens of seconds per actor, repaid over many batches; eager if it fails, checked like precision
-    channels_last: bool = False  # G and D in channels_last memory format: on a 2-core CPU 7 %
-    # (paper) to 13 % (demo) more patches/s; not yet measured on a GPU (benchmarks/bench_gpu.py)
-    rows_per_file: int = _at_least(1, 10_000)  # score-table rows per file; also what a kill loses
+    precision: str = _choices("auto", "fp32", "tf32", "bf16", default="auto")  # arithmetic of
+    # the Γ mapping steps: auto is bf16 on CUDA and fp32 on CPU; true fp32, TF32 (CUDA) or
+    # bfloat16; scores at z_Γ always in fp32; a fast one is checked against fp32 on the first
+    # batch and switched off beyond tolerance
+    compile: bool | str = _auto_or_bool()  # torch.compile the mapping step: auto compiles on
+    # CUDA when each actor has enough patches to repay the compilation, never on CPU; a failure
+    # at compile or run time maps eagerly (the batch is redone)
+    cuda_graph: bool = True  # on CUDA, capture the whole Γ step (G, D, backward, z's Adam update)
+    # once per fixed shape and replay it; eager if capturing fails
+    channels_last: bool | str = _auto_or_bool()  # the mapping steps' G and D in channels_last
+    # memory format: auto is on on CUDA, off on CPU (where on gave 7-13 % more patches/s on a
+    # 2-core AVX-512 CPU: true to have it, at scores that differ from fp32's in the last bits)
+    save_maps: bool = False  # also write the map table: each method's residual stitched onto
+    # every scored B-scan (DESIGN.md §3.4a)
+    rows_per_file: int = _at_least(1, 10_000)  # score-table rows per file
+    flush_s: float = _positive(60.0)  # staged results land at least this often (seconds), so a
+    # kill loses at most about this much work per actor
 
 
 @dataclass
@@ -202,6 +215,10 @@ class Config:
 def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     key = f"{section}.{f.name}"
     expected = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if f.metadata.get("auto_or_bool"):
+        if not isinstance(value, bool) and value != "auto":
+            raise ConfigError(f"{key}: expected auto, true or false, got {value!r}")
+        return value
     if expected == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

@@ -13,8 +13,8 @@ same machine's dense fp32 matmul FLOP/s, measured before every round. The rounds
 whole grid (``--repeats``), interleaved, so a shared machine's changing load hits every variant
 alike; the table reports the median and the range over rounds.
 
-Variants: ``eager`` (what the scorer runs by default), ``channels_last`` (G and D's weights in
-channels_last memory format: ``score.channels_last``), ``compile`` (``score.compile``),
+Variants: ``eager`` (what the scorer runs by default), ``channels_last`` (the step copies of G
+and D in channels_last memory format: ``score.channels_last``), ``compile`` (``score.compile``),
 ``threads=N`` (N torch threads instead of ``--threads``), and combinations joined by ``+``
 (``channels_last+compile``).
 """
@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from anogan_ray.config import load_config
+from anogan_ray.core.fastpath import FastPath
 from anogan_ray.core.invert import invert_batch, mapping_rows
 from anogan_ray.core.networks import build_models
 
@@ -68,13 +69,11 @@ def time_variant(models, variant: str, rows: int, steps: int, threads: int) -> f
     pixels = torch.rand(rows, 1, 64, 64, generator=torch.Generator().manual_seed(rows)) * 2 - 1
     ids = [f"bench/{i}" for i in range(rows)]
     parts = variant.split("+")
-    settings = dict(z_lr=0.01, rows=rows, compile="compile" in parts)
+    path = FastPath(channels_last="channels_last" in parts, compile="compile" in parts)
+    settings = dict(z_lr=0.01, rows=rows, path=path)
     for part in parts:
         if part.startswith("threads="):
             torch.set_num_threads(int(part.split("=")[1]))
-    memory_format = torch.channels_last if "channels_last" in parts else torch.contiguous_format
-    for module in models:
-        module.to(memory_format=memory_format)
     try:
         invert_batch(models, pixels, ids, steps=1, **settings)  # warm-up (compiles this shape)
         started = time.perf_counter()
@@ -82,8 +81,6 @@ def time_variant(models, variant: str, rows: int, steps: int, threads: int) -> f
         return time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
-        for module in models:
-            module.to(memory_format=torch.contiguous_format)
 
 
 def main() -> None:

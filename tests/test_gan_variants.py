@@ -89,7 +89,7 @@ def test_wgan_gp_updates_g_every_n_critic_steps():
 def test_bf16_training_steps_learn_and_keep_fp32_weights(synthetic_patches, objective):
     """train.precision=bf16: steps under bfloat16 autocast move D towards telling real from
     generated patches as fp32 steps do, with fp32 weights and optimizer states."""
-    from anogan_ray.pipelines.train import training_precision
+    from anogan_ray.core.recipes import training_precision
 
     extra = ["model.d_norm=layer"] if objective == "wgan-gp" else []
     cfg = _config(f"train.objective={objective}", "train.precision=bf16", *extra)

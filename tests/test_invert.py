@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from anogan_ray.core import invert
+from anogan_ray.core import fastpath
+from anogan_ray.core.fastpath import EXACT, PRECISION_RTOL, ROUNDING_RTOL, FastPath
 from anogan_ray.core.invert import (
-    COMPILE_RTOL,
-    PRECISION_RTOL,
     SCORE_COLUMNS,
     check_fast_path,
     discrimination_loss,
@@ -164,67 +163,125 @@ def test_anomalous_patches_score_higher(bundle, synthetic_patches):
 
 
 def test_bf16_mapping_agrees_with_fp32_and_fp32_stays_exact(bundle, batch):
-    """The bf16 fast path (autocast around G and D, the optimizer in fp32) ranks and scores the
+    """The bf16 fast path (bf16 step copies of G and D, z and Adam in fp32) ranks and scores the
     patches as fp32 does, within the tolerance its check enforces; asking for fp32 explicitly
     changes nothing."""
     pixels, ids = batch
     common = dict(steps=20, z_lr=0.05)
     exact = invert_batch(bundle, pixels, ids, **common).anomaly_score
     assert np.array_equal(
-        exact, invert_batch(bundle, pixels, ids, precision="fp32", **common).anomaly_score
+        exact, invert_batch(bundle, pixels, ids, path=EXACT, **common).anomaly_score
     )
-    fast = invert_batch(bundle, pixels, ids, precision="bf16", **common).anomaly_score
+    bf16 = FastPath("bf16")
+    fast = invert_batch(bundle, pixels, ids, path=bf16, **common).anomaly_score
     relative = np.abs(fast - exact) / np.abs(exact)
     assert relative.max() < PRECISION_RTOL["bf16"]
     labels = np.r_[np.zeros(16), np.ones(16)]
     assert abs(roc_auc_score(labels, fast) - roc_auc_score(labels, exact)) < 0.02
     ok, worst = check_fast_path(
-        bundle, pixels[:8], ids[:8], precision="bf16", lambda_=0.1, **common
+        bundle, pixels[:8], ids[:8], fast[:8], path=bf16, lambda_=0.1, **common
     )
     assert ok and worst < PRECISION_RTOL["bf16"]
     with pytest.raises(ValueError, match="precision 'fp16'"):
-        invert_batch(bundle, pixels, ids, precision="fp16", **common)
+        FastPath("fp16")
 
 
 def test_compiled_mapping_agrees_with_eager_and_stays_batch_invariant(bundle, batch):
-    """torch.compile'd mapping steps score within COMPILE_RTOL of eager ones (measured up to
+    """torch.compile'd mapping steps score within ROUNDING_RTOL of eager ones (measured up to
     2.6e-7 relative here), and a patch still scores to the bit alike in any batch."""
     pixels, ids = batch
     common = dict(lambda_=0.1, steps=20, z_lr=0.05)
+    compiled_path = FastPath(compile=True)
     eager = score_patches(bundle, pixels, ids, **common)
-    compiled = score_patches(bundle, pixels, ids, compile=True, **common)
+    compiled = score_patches(bundle, pixels, ids, path=compiled_path, **common)
     for name in ("anomaly_score", "residual_score", "discrimination_score"):
-        np.testing.assert_allclose(compiled[name], eager[name], rtol=COMPILE_RTOL, err_msg=name)
-    alone = score_patches(bundle, pixels[5:6], ids[5:6], compile=True, **common)
+        np.testing.assert_allclose(compiled[name], eager[name], rtol=ROUNDING_RTOL, err_msg=name)
+    alone = score_patches(bundle, pixels[5:6], ids[5:6], path=compiled_path, **common)
     assert alone["anomaly_score"][0] == compiled["anomaly_score"][5]
     ok, worst = check_fast_path(
-        bundle, pixels[:8], ids[:8], precision="fp32", compile=True, **common
+        bundle, pixels[:8], ids[:8], compiled["anomaly_score"][:8], path=compiled_path, **common
     )
-    assert ok and worst <= COMPILE_RTOL
+    assert ok and worst <= ROUNDING_RTOL
 
 
-def test_failed_compilation_maps_eagerly_with_a_warning(
-    bundle, batch, monkeypatch, tmp_path, caplog
+class _FailsInBackward(torch.autograd.Function):
+    """What inductor's CUDA-graph trees did on an H200 in fp32: a forward pass that runs and a
+    backward pass that raises."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("expected size 64==64, stride 1024==1 (convolution_backward)")
+
+
+def _fails_in_backward(function, **options):
+    return lambda *args, **kwargs: _FailsInBackward.apply(function(*args, **kwargs))
+
+
+def _fails_at_compile(function, **options):
+    def compiled(*args, **kwargs):
+        raise RuntimeError("inductor: no working C++ compiler")
+
+    return compiled
+
+
+@pytest.mark.parametrize("fake_compile", [_fails_in_backward, _fails_at_compile])
+def test_a_failing_compiled_step_maps_eagerly_with_one_warning(
+    bundle, batch, monkeypatch, caplog, fake_compile
 ):
-    """Without a working C++ compiler, compile=True logs a warning and maps eagerly."""
-    import torch._dynamo
-    import torch._inductor.config
-
+    """A compiled step that fails, in its backward pass or when it compiles, switches the
+    process to eager steps with one warning, and the batch is redone: the scores are eager's."""
     pixels, ids = batch
-    monkeypatch.setattr(invert, "_COMPILED", {})
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no cached kernels
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (str(tmp_path / "no-cxx"),))
-    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(fastpath, "_COMPILED", {})
+    monkeypatch.setattr(fastpath, "_EAGER_ONLY", False)
+    monkeypatch.setattr(fastpath, "_STEPPERS", type(fastpath._STEPPERS)())
     common = dict(lambda_=0.1, steps=3, z_lr=0.05)
-    try:
-        with caplog.at_level("WARNING", logger=invert.__name__):
-            fallback = invert_batch(bundle, pixels[:4], ids[:4], compile=True, **common)
-    finally:
-        torch._dynamo.reset()
-    assert "mapping eagerly" in caplog.text
-    eager = invert_batch(bundle, pixels[:4], ids[:4], **common)
-    np.testing.assert_array_equal(fallback.anomaly_score, eager.anomaly_score)
+    with caplog.at_level("WARNING", logger=fastpath.__name__):
+        first = invert_batch(bundle, pixels[:4], ids[:4], path=FastPath(compile=True), **common)
+        again = invert_batch(bundle, pixels[4:8], ids[4:8], path=FastPath(compile=True), **common)
+    warnings = [r for r in caplog.records if "mapping eagerly" in r.getMessage()]
+    assert len(warnings) == 1
+    assert fastpath.effective_path(FastPath(compile=True)) == EXACT
+    eager = invert_batch(bundle, pixels[:8], ids[:8], **common)
+    np.testing.assert_array_equal(first.anomaly_score, eager.anomaly_score[:4])
+    np.testing.assert_array_equal(again.anomaly_score, eager.anomaly_score[4:])
+
+
+def test_step_copies_fold_batchnorm_into_the_layers_and_compute_alike(bundle):
+    """G and D's step copies (BatchNorm folded, frozen) give G's and D's features to rounding."""
+    models = (bundle.generator, bundle.discriminator)
+    generator, discriminator = fastpath.step_models(*models, EXACT)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in generator.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in discriminator.modules())
+    assert not any(p.requires_grad for p in [*generator.parameters(), *discriminator.parameters()])
+    z = torch.randn(8, bundle.generator.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(generator(z), bundle.generator(z), rtol=1e-4, atol=1e-5)
+        x = bundle.generator(z)
+        torch.testing.assert_close(
+            discriminator.features(x), bundle.discriminator.features(x), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_fast_path_choice_is_bf16_and_graphs_on_cuda_and_exact_on_cpu():
+    """score's auto settings: exact eager fp32 on CPU; bf16, channels_last, CUDA graphs and
+    padded channels on CUDA, compiled only when an actor has enough patches to repay compiling,
+    and then in channels_last (inductor's compiled backward failed on contiguous fp32 steps)."""
+    cpu, why = fastpath.choose_fast_path("cpu", patches_per_actor=10**6)
+    assert cpu == EXACT and "fp32" in why
+    small, why = fastpath.choose_fast_path("cuda", patches_per_actor=1_000)
+    assert small == FastPath("bf16", True, cuda_graph=True, pad_channels=True)
+    assert "not compiled" in why
+    large, _ = fastpath.choose_fast_path("cuda", patches_per_actor=fastpath.COMPILE_MIN_PATCHES)
+    assert large.compile and large.precision == "bf16"
+    fp32_compiled, why = fastpath.choose_fast_path("cuda", "fp32", True, True, False)
+    assert fp32_compiled.channels_last and "compiled steps need it" in why
+    exact_on_cuda = fastpath.choose_fast_path("cuda", "fp32", False, False, False)[0]
+    assert exact_on_cuda == FastPath(pad_channels=True) and not exact_on_cuda.needs_check()
 
 
 def test_rows_on_a_gpu_follow_its_memory_in_powers_of_two():
@@ -240,17 +297,28 @@ def test_rows_on_a_gpu_follow_its_memory_in_powers_of_two():
 
 
 def test_channels_last_models_score_alike_and_stay_batch_invariant(tiny_bundle, batch):
-    """G and D in channels_last memory format (score.channels_last) give the same scores up to
-    rounding (oneDNN picks other kernels), still bit-identical whatever batch a patch is in."""
+    """Step copies in channels_last memory format (score.channels_last) give the same scores up
+    to rounding (oneDNN picks other kernels), still bit-identical whatever batch a patch is in."""
     pixels, ids = batch
     common = dict(lambda_=0.1, steps=20, z_lr=0.05)
     model = load_bundle(tiny_bundle)
     contiguous = score_patches(model, pixels, ids, **common)
-    for module in (model.generator, model.discriminator):
-        module.to(memory_format=torch.channels_last)
-    together = score_patches(model, pixels, ids, **common)
-    alone = score_patches(model, pixels[5:6], ids[5:6], **common)
+    layout = FastPath(channels_last=True)
+    together = score_patches(model, pixels, ids, path=layout, **common)
+    alone = score_patches(model, pixels[5:6], ids[5:6], path=layout, **common)
     assert alone["anomaly_score"][0] == together["anomaly_score"][5]
     np.testing.assert_allclose(
         together["anomaly_score"], contiguous["anomaly_score"], rtol=MODES_TOGETHER_RTOL
     )
+
+
+def test_padded_channels_map_as_the_one_channel_layers(bundle, batch):
+    """Padded channels (G's last and D's first layer widened with zero weights, the CUDA
+    default) change the kernels, not the values."""
+    pixels, ids = batch
+    common = dict(lambda_=0.1, steps=10, z_lr=0.05)
+    exact = invert_batch(bundle, pixels, ids, **common).anomaly_score
+    padded = FastPath(pad_channels=True)
+    assert not padded.needs_check()
+    scores = invert_batch(bundle, pixels, ids, path=padded, **common).anomaly_score
+    np.testing.assert_allclose(scores, exact, rtol=ROUNDING_RTOL)

@@ -317,8 +317,9 @@ def test_killed_job_resumes_and_scores_every_patch_exactly_once(
         patches, [_patch_rows(images, np.zeros(n), "test", "s4-k")], [encode_pixels(images)]
     )
     # Enough steps per batch that the run is many seconds from its second staged file to its end,
-    # however fast the machine: the kill must land mid-run.
-    settings = "steps=60, z_lr=0.05, batch_size=8, rows_per_file=8"
+    # however fast the machine: the kill must land mid-run. Files land by time (flush_s), long
+    # before rows_per_file rows are scored.
+    settings = "steps=60, z_lr=0.05, batch_size=8, rows_per_file=10_000, flush_s=0.5"
     code = (
         "from anogan_ray.config import ScoreConfig; from anogan_ray.pipelines.score import score; "
         f"score({patches!r}, {tiny_bundle!r}, {out!r}, ScoreConfig({settings}))"
@@ -359,8 +360,8 @@ def test_killed_job_resumes_and_scores_every_patch_exactly_once(
     lines = [m for r in caplog.records if (m := pattern.fullmatch(r.getMessage()))]
     counts = [int(m.group(1)) for m in lines]
     assert len(lines) >= 3 and counts == sorted(counts) and counts[-1] == left
-    assert lines[-1].group(2).endswith("patches/s, done")
-    assert any(re.fullmatch(r", [\d.,]+ patches/s, about .+ left", m.group(2)) for m in lines)
+    assert re.fullmatch(r", [\d.,]+ patches/s, done; \d actors?: cpu fp32 .*", lines[-1].group(2))
+    assert any(re.fullmatch(r", [\d.,]+ patches/s, about .+ left;.*", m.group(2)) for m in lines)
 
 
 def test_the_scorer_switches_off_a_fast_path_beyond_its_tolerance(
@@ -371,10 +372,10 @@ def test_the_scorer_switches_off_a_fast_path_beyond_its_tolerance(
     batch is scored eagerly."""
     import torch
 
-    from anogan_ray.core import invert
+    from anogan_ray.core import fastpath
     from anogan_ray.pipelines.score import PatchScorer
 
-    monkeypatch.setattr(invert, "COMPILE_RTOL", -1.0)
+    monkeypatch.setattr(fastpath, "ROUNDING_RTOL", -1.0)
     rows = _patch_rows(cohort_images["val"][:8], np.zeros(8), "val", "s1-v")
     batch = prepare_batch(
         {**{k: np.asarray(v) for k, v in rows.items()},
@@ -385,5 +386,24 @@ def test_the_scorer_switches_off_a_fast_path_beyond_its_tolerance(
     scorer = PatchScorer(tiny_bundle, cfg, "cpu", torch.get_num_threads())
     with caplog.at_level(logging.WARNING):
         out = scorer(batch)
-    assert not scorer.compile and "compiled differs from eager fp32" in caplog.text
+    assert scorer.path == fastpath.EXACT and "compiled differs from exact fp32" in caplog.text
     assert np.isfinite(out["anomaly_score"]).all()
+
+
+def test_staged_rows_land_in_a_file_by_time_before_the_row_count_is_reached(tmp_path):
+    """score.flush_s bounds what a kill loses: rows that waited flush_s seconds are written to a
+    staged file although far fewer than rows_per_file have come, and leaving flushes the rest."""
+    from anogan_ray.pipelines.commit import StagedWriter
+
+    folder = str(tmp_path / "staging")
+    block = pa.table({"patch_id": ["a", "b"], "anomaly_score": [1.0, 2.0]})
+    with StagedWriter(folder, rows_per_file=10_000, flush_s=0.2) as writer:
+        writer.add(block)
+        deadline = time.monotonic() + 30
+        while not storage.list_files(folder, ".parquet") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        landed = storage.list_files(folder, ".parquet")
+        assert len(landed) == 1 and pq.read_table(landed[0]).num_rows == 2
+        writer.add(block.slice(0, 1))
+    files = storage.list_files(folder, ".parquet")
+    assert sum(pq.read_table(f).num_rows for f in files) == 3

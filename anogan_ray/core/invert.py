@@ -28,23 +28,28 @@ as ⌈B / rows⌉ fixed-shape batches, the last one padded with copies of its fi
 is computed in the same shape.
 
 On CUDA the rows follow the GPU's total memory and the model (:func:`mapping_rows`), so they are
-fixed per GPU type and model. The fast paths (``precision``, ``compile``, channels_last weights)
-keep the fixed shapes.
+fixed per GPU type and model. The Γ steps run on step copies of G and D (BatchNorm folded into
+the convolutions) along a :class:`~anogan_ray.core.fastpath.FastPath` (precision, memory format,
+torch.compile, CUDA graphs), all in the same fixed shapes; f(x) and the scores at z_Γ are
+computed eagerly in fp32 with G and D themselves.
 
-The guarantee: with the same torch build, CPU capability and thread count (on CUDA: the same GPU
-type) and the same fast paths, a patch's scores are bit-identical whatever batch it is scored
-in, at whatever position, next to whichever patches (tests/test_invert.py). Between machines,
-capabilities or thread counts they differ by rounding amplified over the Γ steps: on the test
-model (20 steps) up to 7e-5 relative between ATEN_CPU_CAPABILITY=default and avx2 / avx512, and
-between 2 and 3 threads (avx2 and avx512 agree to the bit). Compare scores from different machines with a tolerance, not for equality.
+The guarantee: with the same torch build, CPU capability and thread count and the same fast
+path, a patch's scores on CPU are bit-identical whatever batch it is scored in, at whatever
+position, next to whichever patches (tests/test_invert.py). Between machines, capabilities or
+thread counts they differ by rounding amplified over the Γ steps: on the test model (20 steps)
+up to 7e-5 relative between ATEN_CPU_CAPABILITY=default and avx2 / avx512, and between 2 and 3
+threads (avx2 and avx512 agree to the bit). On CUDA, cuDNN times its algorithms per process
+(``cudnn.benchmark``) and some of them add with atomics, so two runs may differ in the last bits
+(benchmarks/bench_gpu.py measures how much). Compare scores from different machines or GPU runs
+with a tolerance, not for equality.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -53,6 +58,13 @@ import torch
 import torch.nn.functional as F
 
 from anogan_ray.core.baselines import acae_score
+from anogan_ray.core.fastpath import (
+    EXACT,
+    FastPath,
+    fast_path_rtol,
+    latent_stepper,
+    precision_context,
+)
 from anogan_ray.core.model import Discriminator, Generator, ModelBundle, sample_latent
 from anogan_ray.tables import patch_seed
 
@@ -61,17 +73,6 @@ log = logging.getLogger(__name__)
 Mode = Literal["feature", "reference"]
 Mapping = Literal["iterative", "encoder", "encoder+iterative"]
 MAPPINGS = ("iterative", "encoder", "encoder+iterative")
-
-# Relative difference allowed between fast-math (TF32 / bf16) scores and fp32 scores.
-PRECISIONS = ("fp32", "tf32", "bf16")
-# Largest relative difference of A(x) to fp32 a fast precision may show on the check's sample
-# before the scorer switches it off (see check_fast_path).
-PRECISION_RTOL = {"tf32": 1e-2, "bf16": 5e-2}
-# The same for torch.compile'd mapping steps against eager ones (see check_fast_path): the
-# compiled kernels sum in another order, and Adam amplifies last-bit differences over the steps
-# (measured 2.6e-7 on the test model at Γ = 20 on CPU).
-COMPILE_RTOL = 1e-3
-
 
 # ---------------------------------------------------------------------------------------------
 # Losses (per patch; shared by training, inversion and evaluation)
@@ -195,10 +196,9 @@ def _cuda_bytes_per_row(generator: Generator, discriminator: Discriminator, prob
     torch.cuda.reset_peak_memory_stats(device)
     with torch.enable_grad():
         features_x = discriminator.features(x).detach()
-        loss = _mapping_loss(
-            generator, discriminator, z, x, features_x,
-            lambda_=0.5, modes=("feature",), precision="fp32",
-        )  # fmt: skip
+        loss = _step_loss(
+            generator, discriminator, z, x, features_x, lambda_=0.5, modes=("feature",)
+        )
         loss.sum().backward()
     torch.cuda.synchronize(device)
     return -(-(torch.cuda.max_memory_allocated(device) - before) // probe)  # ceil
@@ -214,35 +214,6 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-@contextlib.contextmanager
-def precision_context(device: torch.device, precision: str) -> Iterator[None]:
-    """The matmul / convolution arithmetic on CUDA while inside (a no-op on CPU).
-
-    ``fp32`` and ``bf16`` get true fp32: TF32 off for matmuls *and* cuDNN convolutions (PyTorch
-    allows TF32 in cuDNN convolutions by default); ``tf32`` switches both on. bf16 itself is
-    :func:`autocast` around the forward passes only.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
-            precision == "tf32"
-        )
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast for ``bf16`` (G and D forward passes; never the optimizer: Adam's
-    moments in bf16 make the mapping diverge), else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def invert_batch(
@@ -273,9 +244,8 @@ def invert_modes(
     latent_prior: str | None = None,
     return_residual_map: bool = False,
     return_z: bool = False,
-    precision: str = "fp32",
+    path: FastPath = EXACT,
     initial_z: torch.Tensor | None = None,
-    compile: bool = False,
     rows: int | None = None,
 ) -> dict[Mode, InversionResult]:
     """Map a batch of patches to the latent space once per discrimination loss, in one mapping.
@@ -299,13 +269,11 @@ def invert_modes(
         latent_prior: ``"normal"`` or ``"uniform"``; by default the bundle's.
         return_residual_map: also return |x − G(z_Γ)|, (B, 64, 64).
         return_z: also return z_Γ, (B, nz).
-        precision: arithmetic of the Γ mapping steps (:func:`precision_context`); the scores at
-            z_Γ are always computed in fp32 (see :func:`check_fast_path`).
+        path: how the Γ steps run (:class:`~anogan_ray.core.fastpath.FastPath`: precision,
+            memory format, compiled, CUDA graph); f(x) and the scores at z_Γ are always computed
+            eagerly in fp32 (see :func:`check_fast_path`).
         initial_z: z_1 (B, nz), e.g. E(x) of a trained encoder; by default drawn from the prior
             with a seed derived from each patch id.
-        compile: run the Γ steps' forward and backward passes through ``torch.compile``
-            (:func:`compiled_mapping_loss`; eager if compilation fails). The scores at z_Γ are
-            computed eagerly.
         rows: patches per fixed-shape batch; by default :func:`mapping_rows`, the only value
             whose scores the guarantee covers (another changes them in their last bits).
 
@@ -335,7 +303,7 @@ def invert_modes(
     else:
         z0 = initial_z.detach().to(device=device, dtype=torch.float32)  # (B, nz)
     rows = rows or mapping_rows(device, (generator, discriminator))
-    common = dict(lambda_=lambda_, z_lr=z_lr, modes=modes, precision=precision, compile=compile)
+    common = dict(lambda_=lambda_, z_lr=z_lr, modes=modes, path=path)
     parts = []
     for start in range(0, len(patch_ids), rows):
         count = min(rows, len(patch_ids) - start)
@@ -391,7 +359,7 @@ def _discrimination(
     return torch.cat(losses)
 
 
-def _mapping_loss(
+def _step_loss(
     generator: Generator,
     discriminator: Discriminator,
     z: torch.Tensor,
@@ -400,46 +368,13 @@ def _mapping_loss(
     *,
     lambda_: float,
     modes: tuple[Mode, ...],
-    precision: str,
 ) -> torch.Tensor:
-    """L(z) of eq. (5) per row, G and D under :func:`autocast`: z (M·R, nz) -> (M·R,) fp32."""
-    with autocast(z.device, precision):
-        x_hat = generator(z)  # (M·R, 1, H, W)
-        residual = residual_loss(x_rows, x_hat)
-        disc = _discrimination(discriminator, x_hat, features_x, modes)
-        return mapping_loss(residual, disc, lambda_).float()
-
-
-_COMPILED: dict[str, Any] = {}  # torch.compile'd _mapping_loss per device type
-
-
-def compiled_mapping_loss(device: torch.device) -> Any:
-    """:func:`_mapping_loss` through ``torch.compile`` (static shapes; on CUDA mode
-    ``reduce-overhead``, i.e. CUDA graphs), or the eager function once compiling has failed.
-
-    Compiling happens at the first call of each new shape and model (tens of seconds on a 2-core
-    CPU, cached on disk by inductor afterwards); it pays off over many Γ steps. A failure (no C++
-    compiler, an unsupported op) is logged once and the process maps eagerly from then on.
-    """
-    kind = device.type
-    if kind not in _COMPILED:
-        mode = "reduce-overhead" if kind == "cuda" else None
-        compiled = torch.compile(_mapping_loss, dynamic=False, mode=mode)
-
-        def loss_or_eager(*args: Any, **kwargs: Any) -> torch.Tensor:
-            if _COMPILED[kind] is _mapping_loss:
-                return _mapping_loss(*args, **kwargs)
-            try:
-                if kind == "cuda":  # a new step: the last step's graph outputs are consumed
-                    torch.compiler.cudagraph_mark_step_begin()
-                return compiled(*args, **kwargs)
-            except Exception as err:  # compiling failed: the eager function from now on
-                log.warning("torch.compile of the mapping step failed, mapping eagerly: %s", err)
-                _COMPILED[kind] = _mapping_loss
-                return _mapping_loss(*args, **kwargs)
-
-        _COMPILED[kind] = loss_or_eager
-    return _COMPILED[kind]
+    """L(z) of eq. (5) per row, in the dtype of G and D (their step copies): z (M·R, nz) fp32,
+    x_rows (M·R, 1, H, W) and features_x in that dtype -> (M·R,) fp32."""
+    x_hat = generator(z.to(x_rows.dtype))  # (M·R, 1 or PADDED_CHANNELS, H, W)
+    residual = residual_loss(x_rows, x_hat[:, :1])
+    disc = _discrimination(discriminator, x_hat, features_x, modes)
+    return mapping_loss(residual, disc, lambda_).float()
 
 
 def _invert_rows(
@@ -452,30 +387,25 @@ def _invert_rows(
     steps: int,
     z_lr: float,
     modes: tuple[Mode, ...],
-    precision: str = "fp32",
-    compile: bool = False,
+    path: FastPath = EXACT,
 ) -> dict[Mode, dict[str, torch.Tensor]]:
     """The mapping of one fixed-shape batch: x (R, 1, H, W), z_1 (R, nz) -> per mode, per-row
     tensors. It runs on M·R rows, the R patches once per mode (see :func:`invert_modes`).
 
-    The Γ steps run in ``precision`` (compiled if ``compile``); the scores at z_Γ in eager fp32."""
+    The Γ steps run along ``path`` (:class:`~anogan_ray.core.fastpath.LatentStepper`); f(x) and
+    the scores at z_Γ in eager fp32 with G and D themselves."""
     device, rows = x.device, x.shape[0]
     with torch.no_grad(), precision_context(device, "fp32"):
         features_x = discriminator.features(x) if "feature" in modes else None  # (R, 8c, 4, 4)
     x_rows = x.repeat(len(modes), 1, 1, 1)  # (M·R, 1, H, W)
-
-    loss_of = compiled_mapping_loss(device) if compile else _mapping_loss
-    z = z0.repeat(len(modes), 1).requires_grad_(True)  # (M·R, nz)
-    optimizer = torch.optim.Adam([z], lr=z_lr)
-    with torch.enable_grad(), precision_context(device, precision):
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(
-                generator, discriminator, z, x_rows, features_x,
-                lambda_=lambda_, modes=modes, precision=precision,
-            )  # fmt: skip
-            loss.sum().backward()  # sum of per-row losses: independent row gradients
-            optimizer.step()
+    z = z0.repeat(len(modes), 1)  # (M·R, nz)
+    if steps:
+        stepper = latent_stepper(
+            _step_loss, (generator, discriminator), path, z_lr, x_rows.shape[0],
+            lambda_=lambda_, modes=modes,
+        )  # fmt: skip
+        with precision_context(device, path.precision):
+            z = stepper.run(x_rows, features_x, z, steps)
 
     # R(x), D(x), A(x) at the final z_Γ (after the last update), in fp32 whatever the steps used
     with torch.no_grad(), precision_context(device, "fp32"):
@@ -572,9 +502,8 @@ def score_patches(
     z_lr: float = 0.01,
     reference_score: bool = False,
     return_z: bool = False,
-    precision: str = "fp32",
+    path: FastPath = EXACT,
     mapping: Mapping = "iterative",
-    compile: bool = False,
 ) -> dict[str, np.ndarray]:
     """All score-table columns for a batch: A, R, D, p_d, GAN_R (NaN unless requested), residual
     max, and the baselines' scores (NaN when the bundle has no such baseline).
@@ -582,7 +511,7 @@ def score_patches(
     ``mapping`` says where z starts: ``iterative`` (the paper: the patch id's seed, then
     ``steps`` updates), ``encoder`` (z = E(x), no updates: f-AnoGAN) or ``encoder+iterative``
     (z_1 = E(x), then ``steps`` updates); the encoder mappings need a bundle with E.
-    ``precision`` and ``compile`` are :func:`invert_modes`'.
+    ``path`` is :func:`invert_modes`'.
 
     Returns:
         ``{column: (B,) array}`` for :data:`SCORE_COLUMNS`, plus ``z`` (B, nz) when ``return_z``.
@@ -596,7 +525,7 @@ def score_patches(
     modes: tuple[Mode, ...] = ("feature", "reference") if reference_score else ("feature",)
     results = invert_modes(
         model, pixels, patch_ids, modes=modes, lambda_=lambda_, steps=steps, z_lr=z_lr,
-        return_z=return_z, precision=precision, initial_z=initial_z, compile=compile,
+        return_z=return_z, path=path, initial_z=initial_z,
     )  # fmt: skip
     feature = results["feature"]
     columns = {f.name: getattr(feature, f.name) for f in fields(feature)}
@@ -631,34 +560,37 @@ def score_patches(
     return out
 
 
-def fast_path_rtol(precision: str, compile: bool) -> float:
-    """The largest relative difference of A(x) to eager fp32 that :func:`check_fast_path` allows
-    a mapping in ``precision``, compiled or not."""
-    return PRECISION_RTOL.get(precision, 0.0) + (COMPILE_RTOL if compile else 0.0)
+# The agreement check maps this many patches of an actor's first batch once more in exact fp32,
+# in fixed-shape batches of CHECK_ROWS rows (small: a fraction of a batch's time on a GPU).
+CHECK_PATCHES = 8
+CHECK_ROWS = 16
 
 
 def check_fast_path(
     model: ModelBundle | tuple[Generator, Discriminator],
     pixels: torch.Tensor,
     patch_ids: Sequence[str],
+    fast_scores: np.ndarray,
     *,
-    precision: str,
+    path: FastPath,
     lambda_: float,
     steps: int,
     z_lr: float,
-    compile: bool = False,
     initial_z: torch.Tensor | None = None,
 ) -> tuple[bool, float]:
-    """Compare A(x) mapped in ``precision`` (and compiled, if ``compile``) with eager true fp32 on
-    a sample batch.
+    """Compare A(x) of a few patches mapped along ``path`` (``fast_scores``, as the batch gave
+    them) with the same patches mapped in exact fp32 at :data:`CHECK_ROWS` rows.
+
+    The exact mapping replays its steps in a CUDA graph when ``path`` does (the very kernels of
+    eager fp32, without the launches), so the check costs a fraction of a batch.
 
     Returns:
-        (within :func:`fast_path_rtol`, the largest relative difference).
+        (within :func:`~anogan_ray.core.fastpath.fast_path_rtol`, the largest relative difference).
     """
-    common = dict(lambda_=lambda_, steps=steps, z_lr=z_lr, initial_z=initial_z)
-    exact = invert_batch(model, pixels, patch_ids, **common).anomaly_score
-    fast = invert_batch(
-        model, pixels, patch_ids, precision=precision, compile=compile, **common
-    ).anomaly_score
-    worst = float(np.max(np.abs(fast - exact) / np.maximum(np.abs(exact), 1e-12)))
-    return worst <= fast_path_rtol(precision, compile), worst
+    exact_path = dataclasses.replace(EXACT, cuda_graph=path.cuda_graph)
+    exact = invert_batch(
+        model, pixels, patch_ids, lambda_=lambda_, steps=steps, z_lr=z_lr, initial_z=initial_z,
+        path=exact_path, rows=CHECK_ROWS,
+    ).anomaly_score  # fmt: skip
+    worst = float(np.max(np.abs(fast_scores - exact) / np.maximum(np.abs(exact), 1e-12)))
+    return worst <= fast_path_rtol(path), worst

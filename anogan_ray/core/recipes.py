@@ -13,6 +13,7 @@ under the module's name), resume, failure handling, progress and reports.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -262,3 +263,13 @@ def freeze(recipe: Recipe, modules: Modules, frozen: dict[str, nn.Module | dict]
         state = source.state_dict() if isinstance(source, nn.Module) else source
         modules[name].load_state_dict(state)
         modules[name].eval().requires_grad_(False)
+
+
+def training_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The arithmetic of a training step: ``bf16`` is bfloat16 autocast around the whole step
+    (no loss scaling: bf16 has fp32's range), ``fp32`` true fp32 (TF32 off on CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,7 +1,9 @@
 """A scoring job's commit: staged files -> score and rejects tables, each patch at most once.
 
-A scoring job's actors stage their output under ``out/_staging/<key>/<run>/`` (see
-:mod:`anogan_ray.pipelines.score`); :func:`commit_staged` moves the complete files into
+A scoring job stages its output under ``out/_staging/<key>/<run>/`` (see
+:mod:`anogan_ray.pipelines.score`): its driver gathers the scored blocks in a
+:class:`StagedWriter`, which lands a file every ``rows_per_file`` rows or every ``flush_s``
+seconds, whichever comes first. :func:`commit_staged` moves the complete files into
 ``out/scores`` and ``out/rejects``. It runs in Ray tasks beside the driver, at the start of a run
 (a killed run's files) and at its end, and :func:`done_keys` gives a resumed run the ids already
 done. Like :mod:`anogan_ray.pipelines.validate`, this module does not import PyTorch: the workers
@@ -14,6 +16,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -43,10 +47,72 @@ def _write_atomic(table: pa.Table, url: str, staging_dir: str) -> None:
         fs, path = storage.arrow_filesystem(url)
         pq.write_table(table, path, filesystem=fs)
         return
-    tmp = os.path.join(storage.filesystem(staging_dir)[1], f".commit-{uuid.uuid4().hex}")
+    folder = storage.filesystem(staging_dir)[1]
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".commit-{uuid.uuid4().hex}")
     pq.write_table(table, tmp)
     os.makedirs(os.path.dirname(storage.filesystem(url)[1]), exist_ok=True)
     os.replace(tmp, storage.filesystem(url)[1])  # atomic rename on the same filesystem
+
+
+class StagedWriter:
+    """Scored blocks -> staged Parquet files, one every ``rows_per_file`` rows or every
+    ``flush_s`` seconds (a side thread flushes rows that waited that long), so a killed job loses
+    at most the rows of the last ``flush_s`` seconds and the batches in flight. Each file is
+    written whole or not at all (:func:`_write_atomic`). Use it as a context manager: leaving
+    the block flushes what is left.
+    """
+
+    def __init__(self, folder: str, rows_per_file: int, flush_s: float):
+        self.folder, self.rows_per_file, self.flush_s = folder, rows_per_file, flush_s
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+        self.oldest = 0.0  # when the oldest pending rows came
+        self.files = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer = threading.Thread(
+            target=self._flush_when_due, name="staged-flush", daemon=True
+        )
+
+    def __enter__(self) -> StagedWriter:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._timer.join()
+        if exc[0] is None:
+            self.flush()
+
+    def add(self, block: pa.Table) -> None:
+        """Stage a block of scored rows."""
+        if block.num_rows == 0:
+            return
+        with self._lock:
+            if not self.pending:
+                self.oldest = time.monotonic()
+            self.pending.append(block)
+            self.rows += block.num_rows
+            full = self.rows >= self.rows_per_file
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending rows as one staged file."""
+        with self._lock:
+            if not self.pending:
+                return
+            table = pa.concat_tables(self.pending, promote_options="default")
+            self.pending, self.rows = [], 0
+            target = storage.join(self.folder, f"{uuid.uuid4().hex}.parquet")
+            _write_atomic(table, target, self.folder)
+            self.files += 1
+
+    def _flush_when_due(self) -> None:
+        while not self._stop.wait(min(1.0, self.flush_s)):
+            if self.pending and time.monotonic() - self.oldest >= self.flush_s:
+                self.flush()
 
 
 def staging_folder(out: str, key: ScoringKey) -> str:

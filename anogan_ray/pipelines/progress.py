@@ -70,9 +70,20 @@ def epoch_line(
     return "; ".join(parts)
 
 
-def rate_line(done: int, total: int, rate: float, verb: str, unit: str) -> str:
+def rate_line(
+    done: int, total: int, rate: float, verb: str, unit: str, workers: dict[str, int] | None = None
+) -> str:
     """How far a stage is, at ``rate`` units per second: ``scored 1,234 / 20,000 patches (6.2 %),
-    41.3 patches/s, about 7 min 34 s left`` (``verb`` "scored", ``unit`` "patches")."""
+    41.3 patches/s, about 7 min 34 s left`` (``verb`` "scored", ``unit`` "patches"), then how
+    the ``workers`` work (description -> count): ``; 1 actor: cuda bf16 + CUDA graph``."""
+    described = "".join(
+        f"; {count} actor{'s' if count > 1 else ''}: {text}"
+        for text, count in (workers or {}).items()
+    )
+    return _rate_line(done, total, rate, verb, unit) + described
+
+
+def _rate_line(done: int, total: int, rate: float, verb: str, unit: str) -> str:
     share = 100 * done / total if total else 100.0
     line = f"{verb} {done:,} / {total:,} {unit} ({share:.1f} %)"
     if done == 0:
@@ -90,8 +101,12 @@ class ProgressCounter:
         self.done = 0
         self.first: tuple[float, int] | None = None  # (time, count) of the first report
         self.last = 0.0  # time of the last report
+        self.described: dict[str, str] = {}  # worker -> how it works (e.g. its fast path)
+        self.busy: dict[str, float] = {}  # worker -> seconds spent in its work calls
 
-    def add(self, count: int) -> None:
+    def add(self, count: int, worker: str = "", busy_s: float = 0.0) -> None:
+        """``count`` more units done; ``worker`` spent ``busy_s`` seconds on them."""
+        self.busy[worker] = self.busy.get(worker, 0.0) + busy_s
         self.done += count
         self.last = time.time()
         if self.first is None:
@@ -99,6 +114,21 @@ class ProgressCounter:
 
     def count(self) -> int:
         return self.done
+
+    def describe(self, worker: str, text: str) -> None:
+        """Record how ``worker`` works now (the scorers: their mapping's fast path, and why)."""
+        self.described[worker] = text
+
+    def busy_seconds(self) -> float:
+        """Seconds all workers spent in their work calls, together."""
+        return sum(self.busy.values())
+
+    def descriptions(self) -> dict[str, int]:
+        """Each description and how many workers it describes."""
+        counts: dict[str, int] = {}
+        for text in self.described.values():
+            counts[text] = counts.get(text, 0) + 1
+        return counts
 
     def steady_rate(self) -> float | None:
         """Units per second from the first report to the last: the workers' start-up (a model
@@ -126,6 +156,7 @@ def logged_progress(
         nonlocal first_seen
         try:
             done = ray.get(counter.count.remote(), timeout=60)
+            workers = ray.get(counter.descriptions.remote(), timeout=60)
         except ray.exceptions.RayError as err:  # progress only: never fail the stage for it
             log.debug("no progress count (%s)", err)
             return
@@ -138,7 +169,7 @@ def logged_progress(
             rate = (done - first_seen[1]) / (now - first_seen[0])
         else:
             rate = done / (now - started)
-        log.info(rate_line(done, total, rate, verb, unit))
+        log.info(rate_line(done, total, rate, verb, unit, workers))
 
     def log_until_stopped() -> None:
         while not stop.wait(PROGRESS_EVERY_S):

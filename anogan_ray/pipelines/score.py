@@ -5,16 +5,17 @@ Layout of the stage folder ``out`` (local path or ``s3://``):
     out/scores/*.parquet     the score table (DESIGN.md §3.4), one row per patch per scoring key
     out/rejects/*.parquet    patches that could not be scored: patch_id, split, source, reason, key
     out/summary.json         counts, timings and AUCs of the last run
-    out/_staging/<key>/<run>/  files Ray Data is writing now (never read as part of the table);
-                             <key> is a hash of the scoring key
+    out/_staging/<key>/<run>/  files the driver is staging now (never read as part of the
+                             table); <key> is a hash of the scoring key
 
 Exactly once. A row's identity is (patch_id, scoring key), the key being (model_id, lambda, steps,
 z_lr, mapping) (:class:`anogan_ray.tables.ScoringKey`): a re-run with the same bundle and settings
-adds nothing, one with another λ adds a new row per patch. Ray Data's
-``write_parquet`` writes straight to its final path, so a killed job can leave a half-written file
-there; it therefore writes into ``out/_staging/<key>/<run>/``, and only the commit step moves complete
-files (their Parquet footer reads) into ``out/scores`` and ``out/rejects``, dropping rows whose key
-is already there. The commit runs at the end of every run and at the start of the next one, so the
+adds nothing, one with another λ adds a new row per patch. The driver stages the scored blocks
+as they come into ``out/_staging/<key>/<run>/`` (a file every ``score.rows_per_file`` rows or
+``score.flush_s`` seconds, whichever comes first, each written whole or not at all:
+:class:`~anogan_ray.pipelines.commit.StagedWriter`), and only the commit step moves complete files
+(their Parquet footer reads) into ``out/scores`` and ``out/rejects``, dropping rows whose key is
+already there. The commit runs at the end of every run and at the start of the next one, so the
 files finished before a kill are kept, half-written ones are discarded, and the next run scores
 exactly the patches that are still missing. Jobs of different scoring keys may write into one
 ``out`` folder at the same time (each commits and clears only its own key's staging); one job at a
@@ -23,7 +24,7 @@ time per scoring key.
 Memory. Sets of done patch ids are held as sorted 128-bit digests (``tables.id_keys``, 16 bytes
 a patch, searched with ``np.searchsorted``): the resume filter ships them once to the object store,
 where the reading tasks share them zero-copy, and the commit checks each staged file against them.
-Both run in Ray tasks beside the driver, which holds counts only.
+Both run in Ray tasks beside the driver, which holds counts and at most one staged file's rows.
 
 While it runs, the driver logs every 15 s how many patches are done, the rate and the time left
 (the scoring actors count them in a :class:`~anogan_ray.pipelines.progress.ProgressCounter`).
@@ -37,6 +38,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import platform
 import time
 import uuid
 from typing import Any
@@ -50,16 +53,18 @@ import torch
 from anogan_ray import storage, tables
 from anogan_ray.config import ScoreConfig
 from anogan_ray.core import metrics
+from anogan_ray.core.fastpath import EXACT, choose_fast_path, effective_path
 from anogan_ray.core.invert import (
+    CHECK_PATCHES,
+    CUDA_MAX_ROWS,
     SCORE_COLUMNS,
     check_fast_path,
     encode,
-    mapping_rows,
     score_patches,
 )
 from anogan_ray.core.model import ENCODER_FILE, load_bundle, verify_bundle
 from anogan_ray.pipelines import ensure_ray
-from anogan_ray.pipelines.commit import commit_staged, done_keys, staging_folder
+from anogan_ray.pipelines.commit import StagedWriter, commit_staged, done_keys, staging_folder
 from anogan_ray.pipelines.progress import logged_progress
 from anogan_ray.pipelines.validate import META_COLUMNS, REJECT_REASON, PreparePatches
 from anogan_ray.tables import (
@@ -84,8 +89,11 @@ BATCHES_PER_BLOCK = 2  # scoring batches per block handed to an actor (see score
 class PatchScorer:
     """Callable scoring class for ``map_batches``: loads the bundle once, scores batches.
 
+    The fast path of its mapping steps (:func:`~anogan_ray.core.fastpath.choose_fast_path`) is
+    checked on its first batch: a few patches are mapped once more in exact fp32 and, beyond the
+    path's tolerance, the actor switches to exact fp32 with a warning and redoes the batch.
     ``progress``, a :class:`~anogan_ray.pipelines.progress.ProgressCounter`, is told of every
-    batch done (scored and rejected patches).
+    batch done (scored and rejected patches) and of the path this actor runs, and why.
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class PatchScorer:
         device: str,
         num_threads: int,
         progress: ray.actor.ActorHandle | None = None,
+        patches_per_actor: int | None = None,
     ):
         if device == "cpu":
             torch.set_num_threads(num_threads)
@@ -102,45 +111,63 @@ class PatchScorer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.device = torch.device(device)
         self.bundle = load_bundle(model, device=self.device)
-        models = (self.bundle.generator, self.bundle.discriminator)
-        if cfg.channels_last:
-            for module in models:
-                module.to(memory_format=torch.channels_last)
-        rows = mapping_rows(self.device, models)
-        if cfg.batch_size % rows:
-            log.warning(
-                "score.batch_size %d is not a multiple of the mapping's %d rows on %s: each "
-                "batch is padded to a multiple of them", cfg.batch_size, rows, device,
-            )  # fmt: skip
         self.cfg = cfg
         self.progress = progress
-        self.precision = cfg.precision
-        self.compile = cfg.compile
+        self.path, self.why = choose_fast_path(
+            self.device, cfg.precision, cfg.compile, cfg.cuda_graph, cfg.channels_last,
+            patches_per_actor,
+        )  # fmt: skip
+        self.checked = not self.path.needs_check()
         self.scored = 0
+        self.described = ""
+        self.worker = f"{os.getpid()}@{platform.node()}"
 
-    def _check_fast_paths(self, pixels: torch.Tensor, ids: list[str]) -> None:
-        """Map a sample in the configured precision, then compiled, each compared with eager
-        fp32; a fast path beyond its tolerance is switched off."""
-        initial_z = None if self.cfg.mapping == "iterative" else encode(self.bundle, pixels)
+    def _score(self, pixels: torch.Tensor, ids: list[str]) -> dict[str, np.ndarray]:
+        return score_patches(
+            self.bundle, pixels, ids, lambda_=self.cfg.lambda_, steps=self.cfg.steps,
+            z_lr=self.cfg.z_lr, reference_score=self.cfg.reference_score,
+            return_z=self.cfg.save_z or self.cfg.save_maps, path=self.path,
+            mapping=self.cfg.mapping,
+        )  # fmt: skip
 
-        def agrees(compile: bool) -> bool:
-            name = self.precision + (" compiled" if compile else "")
-            ok, worst = check_fast_path(
-                self.bundle, pixels, ids, precision=self.precision, compile=compile,
-                lambda_=self.cfg.lambda_, steps=self.cfg.steps, z_lr=self.cfg.z_lr,
-                initial_z=initial_z,
-            )  # fmt: skip
-            log.info("%s vs eager fp32: largest relative difference of A(x) %.2e", name, worst)
-            if not ok:
-                log.warning("%s differs from eager fp32 by %.2e; switching it off", name, worst)
-            return ok
+    def _check(self, pixels: torch.Tensor, ids: list[str], scores: dict) -> bool:
+        """Whether the fast path's A(x) of the batch's first patches agrees with exact fp32; if
+        not, the actor maps in exact fp32 from now on."""
+        sample = slice(0, CHECK_PATCHES)
+        mapping = self.cfg.mapping
+        initial_z = None if mapping == "iterative" else encode(self.bundle, pixels[sample])
+        started = time.perf_counter()
+        ok, worst = check_fast_path(
+            self.bundle, pixels[sample], ids[sample], scores["anomaly_score"][sample],
+            path=effective_path(self.path), lambda_=self.cfg.lambda_,
+            steps=0 if mapping == "encoder" else self.cfg.steps, z_lr=self.cfg.z_lr,
+            initial_z=initial_z,
+        )  # fmt: skip
+        name = effective_path(self.path).label()
+        log.info(
+            "%s vs exact fp32 on %d patches: largest relative difference of A(x) %.2e "
+            "(checked in %.2f s)", name, len(ids[sample]), worst, time.perf_counter() - started,
+        )  # fmt: skip
+        if not ok:
+            log.warning("%s differs from exact fp32 by %.2e; mapping in exact fp32", name, worst)
+            self.path = dataclasses.replace(EXACT, cuda_graph=self.path.cuda_graph)
+            self.why = f"{name} differed from fp32 by {worst:.1e} on the first batch"
+        return ok
 
-        if self.precision != "fp32" and not agrees(compile=False):
-            self.precision = "fp32"
-        if self.compile and not agrees(compile=True):
-            self.compile = False
+    def _describe(self) -> None:
+        """Tell the progress counter which path this actor runs, and why (once per change)."""
+        path = effective_path(self.path)
+        text = f"{self.device.type} {path.label()}"
+        if path != self.path:
+            text += " (its compiled or CUDA-graph steps failed)"
+        elif self.why:
+            text += f" ({self.why})"
+        if text != self.described and self.progress is not None:
+            self.progress.describe.remote(self.worker, text)
+        self.described = text
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         n = len(batch["patch_id"])
         good = batch[REJECT_REASON] == ""
         ids = [str(p) for p in batch["patch_id"][good]]
@@ -148,23 +175,22 @@ class PatchScorer:
         columns = {name: np.full(n, np.nan, dtype=np.float32) for name in SCORE_COLUMNS}
         for name in ("residual_max_y", "residual_max_x"):
             columns[name] = np.full(n, -1, dtype=np.int32)
+        keep_z = self.cfg.save_z or self.cfg.save_maps
         z = np.zeros((n, self.bundle.model_config.latent_dim), dtype=np.float32)
         if ids:
             pixels = torch.from_numpy(decode_pixels(batch["pixels"][good]))[:, None]  # (b,1,64,64)
-            if self.scored == 0:
-                self._check_fast_paths(pixels[:8], ids[:8])
-            scores = score_patches(
-                self.bundle, pixels, ids, lambda_=self.cfg.lambda_, steps=self.cfg.steps,
-                z_lr=self.cfg.z_lr, reference_score=self.cfg.reference_score,
-                return_z=self.cfg.save_z, precision=self.precision, mapping=self.cfg.mapping,
-                compile=self.compile,
-            )  # fmt: skip
+            scores = self._score(pixels, ids)
+            if not self.checked:
+                self.checked = True
+                if not self._check(pixels, ids, scores):
+                    scores = self._score(pixels, ids)  # the batch again, in exact fp32
+            self._describe()
             for name in SCORE_COLUMNS:
                 columns[name][good] = scores[name]
-            if self.cfg.save_z:
+            if keep_z:
                 z[good] = scores["z"]
         out.update(columns)
-        if self.cfg.save_z:
+        if keep_z:
             out["z"] = z
         out["model_id"] = np.full(n, self.bundle.model_id)
         out["lambda"] = np.full(n, self.cfg.lambda_, dtype=np.float64)
@@ -173,7 +199,7 @@ class PatchScorer:
         out["mapping"] = np.full(n, self.cfg.mapping)
         self.scored += len(ids)
         if self.progress is not None:
-            self.progress.add.remote(n)
+            self.progress.add.remote(n, self.worker, time.perf_counter() - started)
         return out
 
 
@@ -382,49 +408,44 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     blocks = max(1, math.ceil(to_score / (BATCHES_PER_BLOCK * cfg.batch_size)))
     device, pool, resources, threads = _resources(cfg, blocks)
     actors = pool.min_size
+    # on CUDA a whole number of the mapping's largest fixed-shape batches: no padding wasted
+    batch_size = cfg.batch_size
+    if device == "cuda":
+        batch_size = math.ceil(cfg.batch_size / CUDA_MAX_ROWS) * CUDA_MAX_ROWS
     staging = storage.join(staging_folder(out, key), uuid.uuid4().hex[:12])
-    out_fs, staging_path = storage.arrow_filesystem(staging)
-    # A marker object: when nothing is left to score, Ray deletes the empty output folder, which
-    # on S3 exists only while it holds an object.
-    storage.write_bytes(storage.join(staging, "_started"), b"")
     log.info(
         "scoring %d patches with %d %s actor(s)%s, batch size %d", to_score, actors, device,
         f" (up to {pool.max_size} as GPU nodes come)" if pool.max_size > actors else "",
-        cfg.batch_size,
+        batch_size,
     )  # fmt: skip
-    # Blocks of about two scoring batches: each actor task scores a few batches and hands them on,
-    # so staged files follow rows_per_file and a killed job loses little finished work.
+    # Blocks of about two scoring batches: each actor task scores a few batches and hands them on.
     context = ray.data.DataContext.get_current()
     saved_block_size = context.target_max_block_size
-    context.target_max_block_size = (
-        BATCHES_PER_BLOCK * cfg.batch_size * (PATCH_SIZE * PATCH_SIZE + 256)
-    )
+    context.target_max_block_size = BATCHES_PER_BLOCK * batch_size * (PATCH_SIZE * PATCH_SIZE + 256)
     scoring_started = time.perf_counter()
     try:
         with logged_progress(to_score, log, verb="scored", unit="patches") as progress:
+            scorer_args = (model, cfg, device, threads, progress, math.ceil(to_score / actors))
             scored = (
                 read_patch_table(patches, cfg.splits)
                 .map_batches(PreparePatches(cfg.splits, done_ref), batch_format="pyarrow")
                 .map_batches(
                     PatchScorer,
-                    fn_constructor_args=(model, cfg, device, threads, progress),
-                    batch_size=cfg.batch_size,
+                    fn_constructor_args=scorer_args,
+                    batch_size=batch_size,
                     batch_format="numpy",
                     compute=pool,
                     **resources,
                 )
             )
-            # Writing a staged file is short I/O and asks for no CPU, so files land as batches
-            # finish, not at the end: with any CPU ask, Ray Data's resource budget held every
-            # write back while a long read task and the actors took all the CPUs (10^6 patches
-            # on 2 CPUs: no file after 10 minutes, all output held until the read ended).
-            scored.write_parquet(
-                staging_path,
-                filesystem=out_fs,
-                min_rows_per_file=cfg.rows_per_file,
-                ray_remote_args={"num_cpus": 0},
-            )
+            # The driver stages the scored blocks itself (a file every rows_per_file rows or
+            # flush_s seconds), where the out folder is reachable, as the commit does.
+            with StagedWriter(staging, cfg.rows_per_file, cfg.flush_s) as writer:
+                for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    writer.add(block)
             steady_rate = ray.get(progress.steady_rate.remote())
+            fast_paths = ray.get(progress.descriptions.remote())
+            busy_seconds = ray.get(progress.busy_seconds.remote())
     finally:
         context.target_max_block_size = saved_block_size
     scoring_seconds = time.perf_counter() - scoring_started
@@ -444,10 +465,9 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "gpu_type": _gpu_type() if device == "cuda" else "",
         "actors": actors,
         "max_actors": pool.max_size,
-        "batch_size": cfg.batch_size,
-        "precision": cfg.precision,
-        "compile": cfg.compile,
-        "channels_last": cfg.channels_last,
+        "batch_size": batch_size,
+        # each actor's mapping steps: "cuda bf16 + channels_last + CUDA graph (why)" -> actors
+        "fast_paths": fast_paths,
         "patches_scored": committed["scored"],
         "patches_rejected": committed["rejected"],
         "patches_recovered_from_earlier_run": recovered["scored"] + recovered["rejected"],
@@ -459,6 +479,11 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "patches_per_s": round(committed["scored"] / scoring_seconds, 3),
         # from the first finished batch to the last: the pipeline's throughput without start-up
         "patches_per_s_after_first_batch": round(steady_rate, 3) if steady_rate else None,
+        # the share of the scoring time the actors spent scoring (the rest: waiting for input,
+        # starting); below 1 on a GPU, the pipeline does not keep the GPU busy
+        "actor_busy_share": round(busy_seconds / (scoring_seconds * actors), 3)
+        if scoring_seconds > 0
+        else None,
         "auc": _aucs(out, key),  # patch level
         "scores": storage.join(out, "scores"),
         "rejects": storage.join(out, "rejects"),
