@@ -451,6 +451,11 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
     scoring_seconds = time.perf_counter() - scoring_started
     committed = ray.get(commit.remote(out, key, cfg.rows_per_file))
 
+    maps = None
+    if cfg.save_maps:  # each method's residual stitched onto every scored B-scan
+        from anogan_ray.pipelines.maps import write_maps
+
+        maps = write_maps(patches, model, out, key, cfg)
     rejected_total = count_committed(storage.join(out, "rejects"), key.expression())
     summary = {
         "key": str(key),
@@ -485,6 +490,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         if scoring_seconds > 0
         else None,
         "auc": _aucs(out, key),  # patch level
+        "maps": maps,  # the map table's summary (score.save_maps), else None
         "scores": storage.join(out, "scores"),
         "rejects": storage.join(out, "rejects"),
     }
