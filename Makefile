@@ -19,8 +19,10 @@ demo: $(BIN)/anogan-ray
 
 ## test: the whole test suite (what CI runs)
 test: $(BIN)/anogan-ray
-	$(BIN)/ruff check anogan_ray jobs tests benchmarks
-	$(BIN)/python -m pytest -q
+	@started=$$(date +%s); \
+	$(BIN)/ruff check anogan_ray jobs tests benchmarks && $(BIN)/python -m pytest -q; \
+	status=$$?; took=$$(( $$(date +%s) - started )); \
+	echo "make test: $$(( took / 60 )) min $$(( took % 60 )) s (lint and tests)"; exit $$status
 
 lint: $(BIN)/anogan-ray
 	$(BIN)/ruff check anogan_ray jobs tests benchmarks
