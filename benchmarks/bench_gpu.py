@@ -7,7 +7,8 @@ PyTorch only (no Ray).
     python benchmarks/bench_gpu.py --device cpu --preset tiny --steps 5 --patches 32   # smoke run
 
 Each fast path (``--paths``; a name is a precision and ``+``-joined parts: ``channels_last``,
-``graph`` (CUDA graphs of the whole step), ``compile``, ``pad`` (padded channels); see anogan_ray/core/fastpath.py) maps the
+``graph`` (CUDA graphs of the whole step), ``compile``, ``pad`` (padded channels), ``subpixel``
+(G's transposed convolutions as sub-pixel convolutions); see anogan_ray/core/fastpath.py) maps the
 same ``--patches`` random patches (by default one fixed-shape batch of the device's
 :func:`~anogan_ray.core.invert.mapping_rows`) with Γ = ``--steps`` through
 :func:`~anogan_ray.core.invert.invert_batch` (the scorer's own call), after a warm-up call of two
@@ -69,17 +70,24 @@ DEFAULT_PATHS = (
     "bf16+channels_last+graph+pad",
     "bf16+channels_last+graph+compile",
     "bf16+channels_last+graph+compile+pad",
+    "bf16+channels_last+graph+pad+subpixel",
+    "bf16+channels_last+graph+compile+pad+subpixel",
 )
 
 
 def parse_path(name: str) -> FastPath:
     """``"bf16+channels_last+graph+compile"`` -> the FastPath."""
     precision, *parts = name.split("+")
-    unknown = set(parts) - {"channels_last", "graph", "compile", "pad"}
+    unknown = set(parts) - {"channels_last", "graph", "compile", "pad", "subpixel"}
     if unknown:
         raise ValueError(f"path {name!r}: unknown part(s) {sorted(unknown)}")
     return FastPath(
-        precision, "channels_last" in parts, "compile" in parts, "graph" in parts, "pad" in parts
+        precision,
+        "channels_last" in parts,
+        "compile" in parts,
+        "graph" in parts,
+        "pad" in parts,
+        "subpixel" in parts,
     )
 
 

@@ -322,3 +322,18 @@ def test_padded_channels_map_as_the_one_channel_layers(bundle, batch):
     assert not padded.needs_check()
     scores = invert_batch(bundle, pixels, ids, path=padded, **common).anomaly_score
     np.testing.assert_allclose(scores, exact, rtol=ROUNDING_RTOL)
+
+
+def test_subpixel_transposed_convolutions_compute_what_the_transposed_ones_do():
+    """G's step copy with sub-pixel convolutions (one 3 x 3 convolution of four output phases
+    and a pixel shuffle) draws the patches G draws, at the paper's 5 x 5 stride-2 layers."""
+    from anogan_ray.config import load_config
+    from anogan_ray.core.networks import build_models
+
+    models = build_models(load_config("tiny").model, seed=0)
+    generator = models[0].eval()
+    subpixel, _ = fastpath.step_models(*models, FastPath(subpixel=True, pad_channels=True))
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in subpixel.modules())
+    z = torch.randn(8, generator.latent_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(subpixel(z)[:, :1], generator(z), rtol=1e-4, atol=1e-5)

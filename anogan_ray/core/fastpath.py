@@ -63,6 +63,9 @@ class FastPath:
     cuda_graph: bool = False  # CUDA: capture one whole step, replay it Γ times
     pad_channels: bool = False  # the one-channel image layers (G's last, D's first) widened to
     # PADDED_CHANNELS with zero weights: tensor-core shapes, the same values
+    subpixel: bool = False  # G's 5 x 5 stride-2 transposed convolutions as one 3 x 3 convolution
+    # of four output phases and a pixel shuffle (forward kernels instead of cuDNN's dgrad ones;
+    # not yet measured on a GPU: benchmarks/bench_gpu.py's "subpixel" paths)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -77,6 +80,7 @@ class FastPath:
         parts += ["CUDA graph"] if self.cuda_graph else []
         parts += ["compiled"] if self.compile else []
         parts += ["padded channels"] if self.pad_channels else []
+        parts += ["sub-pixel"] if self.subpixel else []
         return " + ".join(parts)
 
     def eager(self) -> FastPath:
@@ -86,7 +90,7 @@ class FastPath:
     def needs_check(self) -> bool:
         """Whether its scores can differ from eager fp32's beyond the last bit of each kernel
         (a CUDA graph replays the very kernels it captured)."""
-        return self.precision != "fp32" or self.compile or self.channels_last
+        return self.precision != "fp32" or self.compile or self.channels_last or self.subpixel
 
 
 EXACT = FastPath()
@@ -249,7 +253,7 @@ def step_models(
     in the path's dtype (bf16 or fp32) and memory format; made once per process and model."""
     dtype = torch.bfloat16 if path.precision == "bf16" else torch.float32
     device = next(generator.parameters()).device  # the copies follow a model that moved
-    key = (id(discriminator), device, dtype, path.channels_last, path.pad_channels)
+    key = (id(discriminator), device, dtype, path.channels_last, path.pad_channels, path.subpixel)
     copies = _STEP_MODELS.setdefault(generator, {})
     if key not in copies:
         step_generator, step_discriminator = (
@@ -258,9 +262,11 @@ def step_models(
         )
         if path.pad_channels:
             _pad_image_channels(step_generator, step_discriminator)
-            if path.channels_last:
-                step_generator.to(memory_format=torch.channels_last)
-                step_discriminator.to(memory_format=torch.channels_last)
+        if path.subpixel:
+            _subpixel_transposed_convolutions(step_generator)
+        if (path.pad_channels or path.subpixel) and path.channels_last:  # the new weights too
+            step_generator.to(memory_format=torch.channels_last)
+            step_discriminator.to(memory_format=torch.channels_last)
         copies[key] = step_generator, step_discriminator
     return copies[key]
 
@@ -289,6 +295,56 @@ def _pad_image_channels(generator: nn.Module, discriminator: nn.Module) -> None:
         weight[:, :1] = first.weight
         first.weight = nn.Parameter(weight, requires_grad=False)
         first.in_channels = PADDED_CHANNELS
+
+
+class SubPixelTransposedConv(nn.Module):
+    """A ConvTranspose2d(k=5, stride=2, padding=2, output_padding=1) as one 3 x 3 convolution
+    whose output channels are the four phases of each output pixel (row and column parity),
+    then a pixel shuffle: the same values (to rounding) from forward-convolution kernels.
+
+    Output row 2m + a takes input rows m − 1, m, m + 1 with kernel rows (4, 2, 0) for a = 0
+    and (−, 3, 1) for a = 1 (− a zero tap); columns alike.
+    """
+
+    TAPS = {0: {0: 4, 1: 2, 2: 0}, 1: {1: 3, 2: 1}}  # phase -> {3 x 3 offset: 5 x 5 index}
+
+    def __init__(self, layer: nn.ConvTranspose2d):
+        super().__init__()
+        weight = layer.weight.detach()  # (Cin, Cout, 5, 5)
+        cin, cout = weight.shape[:2]
+        phases = weight.new_zeros(4 * cout, cin, 3, 3)  # channel co·4 + a·2 + b
+        for a, rows in self.TAPS.items():
+            for b, cols in self.TAPS.items():
+                for u, kh in rows.items():
+                    for v, kw in cols.items():
+                        phases[a * 2 + b :: 4, :, u, v] = weight[:, :, kh, kw].T
+        self.conv = nn.Conv2d(cin, 4 * cout, 3, padding=1, bias=layer.bias is not None)
+        self.conv.weight = nn.Parameter(phases, requires_grad=False)
+        if layer.bias is not None:
+            self.conv.bias = nn.Parameter(
+                layer.bias.detach().repeat_interleave(4), requires_grad=False
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pixel_shuffle(self.conv(x), 2)  # (B, Cout, 2H, 2W)
+
+
+def _subpixel_transposed_convolutions(module: nn.Module) -> None:
+    """Replace, in place, every 5 x 5 stride-2 transposed convolution of ``module`` that doubles
+    its input (padding 2, output padding 1) by a :class:`SubPixelTransposedConv`."""
+    for name, child in list(module.named_children()):
+        if (
+            isinstance(child, nn.ConvTranspose2d)
+            and child.kernel_size == (5, 5)
+            and child.stride == (2, 2)
+            and child.padding == (2, 2)
+            and child.output_padding == (1, 1)
+            and child.groups == 1
+            and child.dilation == (1, 1)
+        ):
+            setattr(module, name, SubPixelTransposedConv(child))
+        else:
+            _subpixel_transposed_convolutions(child)
 
 
 # ---------------------------------------------------------------------------------------------
