@@ -11,17 +11,22 @@ Sets (all grayscale, built from data shipped with scikit-image / scikit-learn, n
 * ``brick``, ``grass``, ``gravel``: 96 x 96 crops of scikit-image's 512 x 512 photographs; train
   crops from the top 300 rows, val/test crops from the rows below (no overlap); a defect image
   has one pasted defect (chosen at random: a disc of another photograph's pixels, a scratch
-  line, or a brighter / darker smooth blob; 5-14 px).
+  line, or a brighter / darker smooth blob; 5-14 px), and its mask beside it (``X_mask.png``,
+  which ``manifest`` takes as the image's ``mask_path``).
 * ``digits``: scikit-learn's 8 x 8 digits (enlarged to one 64 x 64 patch by preprocess); the
   normal class is ``--digit``, defects are the other nine classes.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_images.py --sets brick,grass,gravel,digits \\
         --config demo --work /tmp/images --out images.json
+
+``--level pixel`` also scores with z, writes the map table and evaluates each method's maps
+against the defect masks (pixel AUROC, AUPRO, defect detection; the photo sets only).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -45,8 +50,12 @@ def _save(folder: Path, name: str, image: np.ndarray) -> None:
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{name}.png")
 
 
-def _paste_defect(crop: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One defect at a random place: a disc of ``other``, a scratch, or a smooth blob."""
+def _paste_defect(
+    crop: np.ndarray, other: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One defect at a random place: a disc of ``other``, a scratch, or a smooth blob; the image
+    and the defect's mask (the disc, the line, the blob where it changes the gray value by at
+    least 18 of 255)."""
     out = crop.astype(np.float32)
     size = crop.shape[0]
     radius = rng.uniform(5, 14)
@@ -57,16 +66,19 @@ def _paste_defect(crop: np.ndarray, other: np.ndarray, rng: np.random.Generator)
         oy, ox = rng.integers(0, other.shape[0] - size, 2)
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
         out[disc] = other[oy : oy + size, ox : ox + size][disc]
+        mask = disc
     elif kind == 1:  # a scratch: a line 2-3 px wide, brighter or darker
         angle = rng.uniform(0, np.pi)
         distance = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
         along = np.abs((yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle))
         line = (distance <= rng.uniform(1.0, 1.5)) & (along <= 2 * radius)
         out[line] = 235.0 if rng.random() < 0.5 else 20.0
+        mask = line
     else:  # a smooth brighter or darker blob
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (radius / 2) ** 2))
         out += (1 if rng.random() < 0.5 else -1) * 90.0 * blob
-    return out
+        mask = 90.0 * blob >= 18.0
+    return out, mask
 
 
 def write_photo_set(name: str, root: Path, seed: int) -> None:
@@ -82,9 +94,11 @@ def write_photo_set(name: str, root: Path, seed: int) -> None:
                 y = rng.integers(rows[0], rows[1] - CROP + 1)
                 x = rng.integers(0, photo.shape[1] - CROP + 1)
                 crop = photo[y : y + CROP, x : x + CROP]
-                if label == "defect":
-                    crop = _paste_defect(crop, other, rng)
-                _save(root / split / label, f"{name}_{split}_{label}_{i:03d}", crop)
+                stem = f"{name}_{split}_{label}_{i:03d}"
+                if label == "defect":  # with its mask beside it (X_mask.png: the manifest's)
+                    crop, mask = _paste_defect(crop, other, rng)
+                    _save(root / split / label, f"{stem}_mask", 255 * mask.astype(np.uint8))
+                _save(root / split / label, stem, crop)
 
 
 def write_digit_set(root: Path, digit: int, seed: int) -> int:
@@ -120,6 +134,8 @@ def run_set(name: str, work: Path, args: argparse.Namespace) -> dict:
     root = work / name
     images = root / "images"
     overrides = list(args.overrides)
+    if args.level == "pixel":  # the A map needs each patch's final z
+        overrides.append("score.save_z=true")
     if name == "digits":
         n_train = write_digit_set(images, args.digit, args.seed)
     else:
@@ -158,7 +174,38 @@ def run_set(name: str, work: Path, args: argparse.Namespace) -> dict:
         result[f"auc_{aggregate}"] = {k: round(v["auc"], 4) for k, v in table["scores"].items()}
         result["test_images"] = table["n"]
         result["test_defect_images"] = table["n_anomalous"]
+    if args.level == "pixel" and name != "digits":  # digits have no defect masks
+        result["pixel"] = pixel_level(patches, out["model"], out["score"], manifest, cfg)
     print(json.dumps(result), flush=True)
+    return result
+
+
+def pixel_level(patches: str, model: str, out: str, manifest: str, cfg) -> dict:
+    """Maps of the run (the product's pass) against the defect masks: pixel AUROC, AUPRO and
+    defect detection on test, thresholds at the 99th percentile of the val normal pixels; as
+    stored, smoothed, and standardized on val's normal pixels then smoothed."""
+    from anogan_ray.analysis.pixels import evaluate_pixels, format_pixel_table
+    from anogan_ray.pipelines.maps import write_maps
+    from anogan_ray.pipelines.score import scoring_key
+
+    model_id = storage.read_json(storage.join(model, "bundle.json"))["model_id"]
+    key = scoring_key(model_id, cfg.score)
+    if cfg.score.mapping == "encoder":
+        key = scoring_key(model_id, dataclasses.replace(cfg.score, steps=0))
+    maps = write_maps(patches, model, out, key, cfg.score)
+    result = {"maps_bytes_per_patch": maps["bytes_per_patch"]}
+    settings = {  # as stored; the post-processings of docs/maps.md, for every method alike
+        "raw": {},
+        "smooth_2": {"smooth_sigma": 2.0},
+        "standardize_smooth_2": {"standardize": True, "smooth_sigma": 2.0},
+    }
+    for name, options in settings.items():
+        table = evaluate_pixels(storage.join(out, "maps"), manifest, key=key, **options)
+        print(format_pixel_table(table), flush=True)
+        result[name] = {
+            method: {k: row[k] for k in ("auroc", "aupro", "detection_rate", "healthy_fpr")}
+            for method, row in table["methods"].items()
+        }
     return result
 
 
@@ -169,6 +216,12 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--digit", type=int, default=0, help="the normal class of digits")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--level",
+        choices=["image", "pixel"],
+        default="image",
+        help="pixel: also the maps' pixel AUROC / AUPRO against the defect masks",
+    )
     parser.add_argument("--work", required=True, help="a fresh folder for the sets and runs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
