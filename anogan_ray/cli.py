@@ -607,8 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("details", exc_info=True)
         print(f"anogan-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
-    if summary is not None:
-        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    if summary is not None:  # for scripts: indented on a terminal, one line in a log or a pipe
+        indent = 2 if sys.stdout.isatty() else None
+        print(json.dumps(summary, indent=indent, sort_keys=True, default=str))
     return 0
 
 

@@ -50,8 +50,8 @@ READER_ENV = {"RAY_DATA_PARQUET_READER_CPU_COUNT": "1"}
 # logger at WARNING in every worker, and no distributed tqdm bars from datasets made in workers.
 QUIET_WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TQDM": "0"}
 
-# Set in the driver's and the workers' environment when the user asked for Ray's own lines, so a
-# trainer built in a worker (a sweep's trial) logs as the driver's would.
+# Set in the driver's environment when the user asked for Ray's own lines; a local Ray's workers
+# inherit it, so a trainer built in a worker (a sweep's trial) logs as the driver's would.
 VERBOSE_ENV = "ANOGAN_RAY_VERBOSE"
 
 

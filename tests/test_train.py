@@ -185,10 +185,11 @@ def test_ddp_replicas_stay_identical_survive_a_killed_worker_and_resume(patch_ta
     # "anogan epoch 4/4, step 16/16: d_loss 1.38, ...; sliced W1 0.2, ...; 2.1 s, done"
     lines = _epoch_lines("anogan", started_ns)
     epochs = {int(re.match(r"anogan epoch (\d)/4, ", r["message"]).group(1)) for r in lines}
-    assert epochs == {1, 2, 3, 4} and {r["world_rank"] for r in lines} == {0}
+    # the first epoch and the last, the others at most one a PROGRESS_EVERY_S (short here)
+    assert {1, 4} <= epochs and {r["world_rank"] for r in lines} == {0}
     assert all("d_loss" in r["message"] and "sliced W1" in r["message"] for r in lines)
     assert re.match(r"anogan epoch 4/4, step 16/16: .*; [\d.]+ s, done$", lines[-1]["message"])
-    assert len(_epoch_lines("anogan-encoder", started_ns)) >= 4
+    assert len(_epoch_lines("anogan-encoder", started_ns)) >= 2
 
     bundle = load_bundle(out)
     assert bundle.model_id == summary["model_id"]

@@ -20,9 +20,11 @@ dies is restarted from it (``train.max_failures``). Checkpoints are taken every
 at least 2 s old (every epoch's end in a Tune trial; Ray Train takes one report per controller
 poll and short epochs would wait for it).
 
-After every epoch rank 0 logs one line (:func:`anogan_ray.pipelines.progress.epoch_line`): the
+After the first epoch, the last, and any other that ends at least ``PROGRESS_EVERY_S`` after the
+last such line, rank 0 logs one line (:func:`anogan_ray.pipelines.progress.epoch_line`): the
 epoch and step, the recipe's step metrics averaged over the epoch, the generative quality, the
-epoch's seconds and the time left; Ray forwards it to the driver's output.
+epoch's seconds and the time left; Ray forwards it to the driver's output. Short epochs (the
+demo's take seconds) thus make a line every ``PROGRESS_EVERY_S``, as the other stages' progress.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from anogan_ray.core.recipes import (
     sliced_wasserstein,
     unwrap,
 )
-from anogan_ray.pipelines.progress import epoch_line
+from anogan_ray.pipelines.progress import PROGRESS_EVERY_S, epoch_line
 from anogan_ray.ray_env import ensure_ray, hold_train_reports, train_log_level
 from anogan_ray.tables import count_patches, decode_pixels, patch_table_url, read_patch_table
 
@@ -478,6 +480,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     last_report = time.monotonic()
+    last_line: float | None = None  # when rank 0 last logged an epoch line
 
     def report(
         epoch_done: float,
@@ -491,7 +494,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         calls it at the same steps). An ``optional`` report (an epoch's end, outside Tune and
         between checkpoint steps) is made only when rank 0 last reported ``_REPORT_INTERVAL_S``
         ago; otherwise its metrics carry over to the next report."""
-        nonlocal last_report
+        nonlocal last_report, last_line
         due = not optional or (rank == 0 and time.monotonic() - last_report >= _REPORT_INTERVAL_S)
         totals = torch.cat([sums.flatten(), sums.new_tensor([float(due)])])
         if world_size > 1:
@@ -500,8 +503,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         since_report, this_epoch = totals[:-1].view_as(sums).tolist()
         if evaluate and this_epoch[-1] > 0:
             sums[1] = 0
-            if rank == 0:
-                now = time.monotonic()
+            now = time.monotonic()
+            if rank == 0 and (final or last_line is None or now - last_line >= PROGRESS_EVERY_S):
+                last_line = now
                 seconds_per_step = (now - train_started) / max(step - start_step, 1)
                 epoch_means = [value / this_epoch[-1] for value in this_epoch[:-1]]
                 line = epoch_line(
