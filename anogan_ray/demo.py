@@ -5,7 +5,8 @@ Layout of ``out`` (each stage folder is exactly what that stage's command writes
     out/cohort/       phantom volumes, masks, true boundaries, manifest.csv
     out/preprocess/   patches/ (the patch table), rejects/, geometry/, summary.json
     out/model/        the model bundle, samples/ (G(z) per epoch), _runs/ (checkpoints)
-    out/score/        scores/ (the score table), rejects/, summary.json
+    out/score/        scores/ (the score table), maps/ (the map table, score.save_maps),
+                      rejects/, summary.json
     out/report/       PNGs and index.html
     out/summary.json  every stage's summary and the AUCs
 """
@@ -22,6 +23,12 @@ from anogan_ray.config import Config
 
 log = logging.getLogger(__name__)
 DEMO_PERCENTILE = 90.0  # healthy val percentile of the demo's threshold (see run_demo)
+# The demo's pixel-level evaluations (score.save_maps): the residual maps as stored, and with
+# the documented post-processing (docs/maps.md: it helps A, the aCAE and PCA alike)
+PIXEL_EVALUATIONS = {
+    "evaluate_pixels": {},
+    "evaluate_pixels_standardized": {"standardize": True, "smooth_sigma": 2.0},
+}
 
 
 def run_demo(out: str, cfg: Config) -> dict[str, Any]:
@@ -71,7 +78,20 @@ def run_demo(out: str, cfg: Config) -> dict[str, Any]:
     )
     evaluation = stage("evaluate", metrics.evaluate, scores, threshold=folders["model"])
     print(metrics.format_paper_table(evaluation), file=sys.stderr)  # the paper's Table 1
-    stage("report", report, scores, folders["report"], patches=patches, model=folders["model"])
+    manifest = storage.join(folders["cohort"], "manifest.csv")
+    if cfg.score.save_maps:  # where: each method's maps against the masks, val + test
+        from anogan_ray.analysis.pixels import evaluate_pixels, format_pixel_table
+
+        maps = storage.join(folders["score"], "maps")
+        # the paper's residuals as they are, then with the post-processing docs/maps.md
+        # measured for every method (healthy standardization, smoothing at 1/32 of a patch)
+        for name, options in PIXEL_EVALUATIONS.items():
+            pixels = stage(name, evaluate_pixels, maps, manifest, splits=["val", "test"], **options)
+            print(format_pixel_table(pixels), file=sys.stderr)
+    stage(
+        "report", report, scores, folders["report"], patches=patches, model=folders["model"],
+        manifest=manifest,
+    )  # fmt: skip
     summary = {
         "out": out,
         "seconds": round(time.perf_counter() - started, 1),
@@ -85,8 +105,17 @@ def run_demo(out: str, cfg: Config) -> dict[str, Any]:
             },
         },
         "threshold": threshold,
-        "stages": {k: v for k, v in stages.items() if k not in ("evaluate",)},
+        "pixel_level": {name: stages[name] for name in PIXEL_EVALUATIONS if name in stages},
+        "stages": {
+            k: v for k, v in stages.items() if k != "evaluate" and k not in PIXEL_EVALUATIONS
+        },
         "report": storage.join(folders["report"], "index.html"),
     }
+    if summary["pixel_level"]:  # pixel AUROC and AUPRO per evaluation and method
+        summary["pixel_auc"] = {
+            name: {m: {"auroc": r["auroc"], "aupro": r["aupro"]} for m, r in e["methods"].items()}
+            for name, e in summary["pixel_level"].items()
+        }
     storage.write_json(storage.join(out, "summary.json"), summary)
-    return {k: summary[k] for k in ("out", "seconds", "stage_seconds", "auc", "report")}
+    keep = ("out", "seconds", "stage_seconds", "auc", "pixel_auc", "report")
+    return {k: summary[k] for k in keep if k in summary}
