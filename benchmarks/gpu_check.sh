@@ -45,7 +45,8 @@ if [ "$device" = cuda ]; then
 else  # a smoke run of every step, tiny, not compiled (compiling on a small CPU takes minutes)
   preset=tiny steps=5 sizes="256 384 512" train_steps=4 job_seconds=5 budget=${GPU_CHECK_BUDGET_S:-3000}
   demo_paths=fp32,bf16+channels_last+graph
-  bench=(--device cpu --steps 5 --patches 32 --train-steps 2 --paths "$demo_paths")
+  bench=(--device cpu --steps 5 --patches 32 --train-steps 2 --paths "$demo_paths"
+         --profile-paths bf16+channels_last+graph)
 fi
 small=${sizes%% *}
 

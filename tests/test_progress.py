@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from anogan_ray.pipelines.progress import epoch_line, format_duration, rate_line
+import time
+
+from anogan_ray.pipelines.progress import ProgressCounter, epoch_line, format_duration, rate_line
 
 
 def test_durations_read_as_a_person_says_them():
@@ -47,3 +49,15 @@ def test_the_rate_line_shows_share_rate_and_time_left():
         "scored 100 / 100 patches (100.0 %), 2.0 patches/s, done"
     )
     assert rate_line(0, 0, 0.0, "scored", "patches") == "scored 0 / 0 patches (100.0 %)"
+
+
+def test_the_counter_tells_how_busy_the_workers_were():
+    """busy_share: the seconds in work calls over each worker's span from its first call's start
+    to its last call's end; a worker that waits between calls is below 1."""
+    counter = ProgressCounter.__ray_actor_class__()  # the class behind the actor, no Ray needed
+    assert counter.busy_share() is None
+    counter.add(4, "a", busy_s=0.2)
+    time.sleep(0.4)  # waited 0.4 s for its next input
+    counter.add(4, "a", busy_s=0.2)
+    share = counter.busy_share()
+    assert 0.3 < share < 0.8 and counter.count() == 8

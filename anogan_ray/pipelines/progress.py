@@ -102,11 +102,14 @@ class ProgressCounter:
         self.first: tuple[float, int] | None = None  # (time, count) of the first report
         self.last = 0.0  # time of the last report
         self.described: dict[str, str] = {}  # worker -> how it works (e.g. its fast path)
-        self.busy: dict[str, float] = {}  # worker -> seconds spent in its work calls
+        self.busy: dict[str, list[float]] = {}  # worker -> [busy seconds, first start, last end]
 
     def add(self, count: int, worker: str = "", busy_s: float = 0.0) -> None:
-        """``count`` more units done; ``worker`` spent ``busy_s`` seconds on them."""
-        self.busy[worker] = self.busy.get(worker, 0.0) + busy_s
+        """``count`` more units done; ``worker`` spent the last ``busy_s`` seconds on them."""
+        now = time.time()
+        busy = self.busy.setdefault(worker, [0.0, now - busy_s, now])
+        busy[0] += busy_s
+        busy[2] = now
         self.done += count
         self.last = time.time()
         if self.first is None:
@@ -119,9 +122,12 @@ class ProgressCounter:
         """Record how ``worker`` works now (the scorers: their mapping's fast path, and why)."""
         self.described[worker] = text
 
-    def busy_seconds(self) -> float:
-        """Seconds all workers spent in their work calls, together."""
-        return sum(self.busy.values())
+    def busy_share(self) -> float | None:
+        """The share of their time the workers spent in their work calls, from the start of each
+        one's first call to the end of its last (their start-up left out); below 1, they waited
+        for work. None before any report."""
+        spans = sum(last - first for _, first, last in self.busy.values())
+        return sum(busy for busy, _, _ in self.busy.values()) / spans if spans > 0 else None
 
     def descriptions(self) -> dict[str, int]:
         """Each description and how many workers it describes."""

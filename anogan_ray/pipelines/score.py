@@ -445,7 +445,7 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
                     writer.add(block)
             steady_rate = ray.get(progress.steady_rate.remote())
             fast_paths = ray.get(progress.descriptions.remote())
-            busy_seconds = ray.get(progress.busy_seconds.remote())
+            busy_share = ray.get(progress.busy_share.remote())
     finally:
         context.target_max_block_size = saved_block_size
     scoring_seconds = time.perf_counter() - scoring_started
@@ -484,11 +484,9 @@ def score(patches: str, model: str, out: str, cfg: ScoreConfig) -> dict[str, Any
         "patches_per_s": round(committed["scored"] / scoring_seconds, 3),
         # from the first finished batch to the last: the pipeline's throughput without start-up
         "patches_per_s_after_first_batch": round(steady_rate, 3) if steady_rate else None,
-        # the share of the scoring time the actors spent scoring (the rest: waiting for input,
-        # starting); below 1 on a GPU, the pipeline does not keep the GPU busy
-        "actor_busy_share": round(busy_seconds / (scoring_seconds * actors), 3)
-        if scoring_seconds > 0
-        else None,
+        # the share of their time the actors spent in their calls, from each one's first call to
+        # its last: below 1, they waited for their input (on a GPU: the pipeline idles it)
+        "actor_busy_share": None if busy_share is None else round(busy_share, 3),
         "auc": _aucs(out, key),  # patch level
         "maps": maps,  # the map table's summary (score.save_maps), else None
         "scores": storage.join(out, "scores"),
