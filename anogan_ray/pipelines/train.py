@@ -29,7 +29,6 @@ demo's take seconds) thus make a line every ``PROGRESS_EVERY_S``, as the other s
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -66,6 +65,7 @@ from anogan_ray.core.recipes import (
     freeze,
     patch_features,
     sliced_wasserstein,
+    training_precision,
     unwrap,
 )
 from anogan_ray.pipelines.progress import PROGRESS_EVERY_S, epoch_line
@@ -415,16 +415,6 @@ def _sample_pixels(data: TrainingPatches, count: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The worker: one DDP replica of the recipe's modules
 # ---------------------------------------------------------------------------------------------
-
-
-def training_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The arithmetic of a training step: ``bf16`` is bfloat16 autocast around the whole step
-    (no loss scaling: bf16 has fp32's range), ``fp32`` true fp32 (TF32 off on CUDA)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
