@@ -30,9 +30,8 @@ from anogan_ray.config import ConfigError, ModelConfig, config_from_dict
 from anogan_ray.core.baselines import AdversarialAutoencoder, PCABaseline
 from anogan_ray.core.networks import Discriminator, Encoder, Generator
 
-# Re-exported for the modules that import them from here, predating networks.py
-# (core/invert.py, benchmarks/bench_gpu.py); new code imports them from core/networks.py.
-from anogan_ray.core.networks import build_models as build_models
+# Re-exported for core/invert.py, which imports it from here (new code imports it from
+# core/networks.py, as the rest of the package does).
 from anogan_ray.core.networks import sample_latent as sample_latent
 
 BUNDLE_FORMAT = 1
