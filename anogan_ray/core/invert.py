@@ -65,7 +65,8 @@ from anogan_ray.core.fastpath import (
     latent_stepper,
     precision_context,
 )
-from anogan_ray.core.model import Discriminator, Generator, ModelBundle, sample_latent
+from anogan_ray.core.model import ModelBundle
+from anogan_ray.core.networks import Discriminator, Generator, sample_latent
 from anogan_ray.tables import patch_seed
 
 log = logging.getLogger(__name__)

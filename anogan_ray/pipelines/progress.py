@@ -1,4 +1,4 @@
-"""Progress a person can follow: a line per training epoch, a rate and the time left while scoring.
+"""Progress a person can follow: epoch lines while training, a rate and the time left while scoring.
 
 The lines are formatted by plain functions of numbers (:func:`epoch_line`, :func:`rate_line`).
 Work done in Ray actors anywhere in the cluster is counted by one small actor

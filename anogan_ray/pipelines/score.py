@@ -63,10 +63,10 @@ from anogan_ray.core.invert import (
     score_patches,
 )
 from anogan_ray.core.model import ENCODER_FILE, load_bundle, verify_bundle
-from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.commit import StagedWriter, commit_staged, done_keys, staging_folder
 from anogan_ray.pipelines.progress import logged_progress
 from anogan_ray.pipelines.validate import META_COLUMNS, REJECT_REASON, PreparePatches
+from anogan_ray.ray_env import ensure_ray
 from anogan_ray.tables import (
     PATCH_SIZE,
     ScoringKey,
