@@ -30,10 +30,6 @@ from anogan_ray.config import ConfigError, ModelConfig, config_from_dict
 from anogan_ray.core.baselines import AdversarialAutoencoder, PCABaseline
 from anogan_ray.core.networks import Discriminator, Encoder, Generator
 
-# Re-exported for core/invert.py, which imports it from here (new code imports it from
-# core/networks.py, as the rest of the package does).
-from anogan_ray.core.networks import sample_latent as sample_latent
-
 BUNDLE_FORMAT = 1
 _BUNDLE_FILES = ("config.json", "generator.pt", "discriminator.pt")
 ENCODER_FILE = "encoder.pt"  # optional member: the trained encoder E
