@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--percentile", type=float, default=99.0)
     args = parser.parse_args()
 
-    from anogan_ray.pipelines import ensure_ray
+    from anogan_ray.ray_env import ensure_ray
 
     ensure_ray()
     started = time.perf_counter()

@@ -42,8 +42,8 @@ import ray
 
 from anogan_ray import storage, tables
 from anogan_ray.config import ScoreConfig
-from anogan_ray.pipelines import ensure_ray
 from anogan_ray.pipelines.progress import PROGRESS_EVERY_S, rate_line
+from anogan_ray.ray_env import ensure_ray
 from anogan_ray.tables import ScoringKey, TableError
 
 log = logging.getLogger(__name__)

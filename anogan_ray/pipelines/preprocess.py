@@ -65,7 +65,7 @@ from anogan_ray.data.retina import STEPS, VolumePatches, preprocess_volume
 from anogan_ray.data.volumes import SPLITS, VolumeError, read_manifest
 from anogan_ray.pipelines.progress import logged_progress
 from anogan_ray.ray_env import ensure_ray
-from anogan_ray.tables import PATCH_COLUMNS
+from anogan_ray.tables import PATCH_COLUMNS, geometry_file
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _patches_of_volumes(
         volume_id = record["volume_id"]
         if result is not None:
             _write_table(
-                _volume_file(storage.join(staging, "geometry"), volume_id, ".parquet"),
+                geometry_file(storage.join(staging, "geometry"), volume_id),
                 _geometry_table(volume_id, result.geometry),
             )
         storage.write_json(
