@@ -25,9 +25,12 @@ log = logging.getLogger(__name__)
 DEMO_PERCENTILE = 90.0  # healthy val percentile of the demo's threshold (see run_demo)
 # The demo's pixel-level evaluations (score.save_maps): the residual maps as stored, and with
 # the documented post-processing (docs/maps.md: it helps A, the aCAE and PCA alike)
-PIXEL_EVALUATIONS = {
-    "evaluate_pixels": {},
-    "evaluate_pixels_standardized": {"standardize": True, "smooth_sigma": 2.0},
+PIXEL_EVALUATIONS = {  # stage name: (column of the demo's table, options)
+    "evaluate_pixels": ("as stored", {}),
+    "evaluate_pixels_standardized": (
+        "standardized + sigma 2",
+        {"standardize": True, "smooth_sigma": 2.0},
+    ),
 }
 
 
@@ -80,14 +83,16 @@ def run_demo(out: str, cfg: Config) -> dict[str, Any]:
     print(metrics.format_paper_table(evaluation), file=sys.stderr)  # the paper's Table 1
     manifest = storage.join(folders["cohort"], "manifest.csv")
     if cfg.score.save_maps:  # where: each method's maps against the masks, val + test
-        from anogan_ray.analysis.pixels import evaluate_pixels, format_pixel_table
+        from anogan_ray.analysis.pixels import evaluate_pixels, format_pixel_comparison
 
         maps = storage.join(folders["score"], "maps")
         # the paper's residuals as they are, then with the post-processing docs/maps.md
         # measured for every method (healthy standardization, smoothing at 1/32 of a patch)
-        for name, options in PIXEL_EVALUATIONS.items():
-            pixels = stage(name, evaluate_pixels, maps, manifest, splits=["val", "test"], **options)
-            print(format_pixel_table(pixels), file=sys.stderr)
+        pixels = {
+            label: stage(name, evaluate_pixels, maps, manifest, splits=["val", "test"], **options)
+            for name, (label, options) in PIXEL_EVALUATIONS.items()
+        }
+        print(format_pixel_comparison(pixels), file=sys.stderr)
     stage(
         "report", report, scores, folders["report"], patches=patches, model=folders["model"],
         manifest=manifest,

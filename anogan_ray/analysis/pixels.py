@@ -334,3 +334,40 @@ def format_pixel_table(result: dict[str, Any]) -> str:
                     )
             lines.append(f"  {name:<20}" + "   ".join(parts))
     return "\n".join(lines)
+
+
+def format_pixel_comparison(results: dict[str, dict[str, Any]]) -> str:
+    """Several pixel-level evaluations of the same maps side by side (the demo's: the maps as
+    stored and post-processed), one row per method, then the last one's rows per lesion type."""
+    first, last = next(iter(results.values())), list(results.values())[-1]
+    lines = [
+        f"pixel level, split(s) {', '.join(first['splits'])}: {first['bscans']} annotated "
+        f"B-scans; detected: lesion regions with >= 30 % of their pixels above the "
+        f"{first['percentile']:g}th percentile of healthy {first['calibration_split']!r} pixels"
+    ]
+    header = f"{'method':<8}" + "".join(f"{name:>28}" for name in results)
+    lines += [header, f"{'':<8}" + f"{'AUROC  AUPRO  detected':>28}" * len(results)]
+    lines.append("-" * len(header))
+    for method in first["methods"]:
+        cells = []
+        for result in results.values():
+            row = result["methods"].get(method)
+            cells.append(
+                f"{row['auroc']:>13.4f}{row['aupro']:>7.4f}"
+                f"{row.get('detection_rate', math.nan):>8.2f}"
+                if row
+                else f"{'-':>28}"
+            )
+        lines.append(f"{method:<8}" + "".join(cells))
+    types = sorted({t for row in last["methods"].values() for t in row["by_type"]})
+    if types:
+        lines.append(f"by lesion type, {list(results)[-1]} (AUROC / AUPRO / detected):")
+        for name in types:
+            parts = [
+                f"{method} {typed['auroc']:.3f} / {typed['aupro']:.3f} / "
+                f"{typed.get('detection_rate', math.nan):.2f}"
+                for method, row in last["methods"].items()
+                if (typed := row["by_type"].get(name))
+            ]
+            lines.append(f"  {name:<20}" + "   ".join(parts))
+    return "\n".join(lines)
