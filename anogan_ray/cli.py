@@ -458,9 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
         _tune,
         "Sweep G's and D's learning rates (and z's rate, the inversion steps) with Ray Tune, "
         "each trial a Ray Train run like `train`, ASHA stopping weak trials; every trial's "
-        "model is scored after each epoch at each λ on the val split "
-        "(labelled AUC, or synthetic-lesion AUC without labels). Prints the leaderboard, writes "
-        "the trials table and the best model bundle; re-running resumes an interrupted sweep.",
+        "model is scored after each epoch at each λ on the val split (labelled AUC, or without "
+        "labels a label-free objective: tune.objective). On a cluster with GPUs each trial takes "
+        "tune.gpus_per_trial of them (fractions too). Prints the leaderboard and, where val is "
+        "labelled, how well each label-free objective agreed; writes the trials table and the "
+        "best model bundle; re-running resumes an interrupted sweep.",
         [
             ("--patches", "patch table written by `preprocess`"),
             ("--out", "sweep folder: trials, best_model, summary"),
@@ -469,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        help="a trained model bundle: sweep its mapping and Γ (tune.mappings x tune.steps) "
-        "instead of training; prints AUC and cost per setting and the cheapest that keeps the AUC",
+        help="a trained model bundle: sweep its mapping, Γ and z's rate (tune.mappings x "
+        "tune.steps x tune.z_lr; on GPUs in bf16 like `score`) instead of training; prints AUC "
+        "and cost per setting and the cheapest that keeps the AUC",
     )
 
     p = command(

@@ -181,7 +181,10 @@ class TuneConfig:
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3])  # grid over λ
     scheduler: str = _choices("asha", "fifo", default="asha")  # ASHA stops weak trials early
     grace_period: int = _at_least(1, 1)  # epochs before ASHA may stop a trial
-    max_concurrent: int = _at_least(1, 2)  # trials at once
+    max_concurrent: int = _at_least(1, 2)  # trials at once (fewer when the CPUs / GPUs are fewer)
+    gpus_per_trial: float | str = "auto"  # GPUs each trial takes: auto is one per DDP worker
+    # (one per `tune --model` trial) when the cluster has or can get GPUs, else none; a number
+    # (fractions too: 0.25 puts four one-worker trials on a GPU) or 0 (CPUs only)
     z_lr: list[float] = field(default_factory=list)  # choices of z's Adam rate ([]: score.z_lr)
     steps: list[int] = field(default_factory=list)  # choices of inversion steps ([]: score.steps)
     mappings: list[str] = field(default_factory=list)  # `tune --model`: mappings swept ([]: all
@@ -189,12 +192,16 @@ class TuneConfig:
     auc_tolerance: float = _at_least(0.0, 0.01)  # `tune --model`: the cheapest setting within
     # this much of the best objective is recommended
     reduction_factor: float = _at_least(2, 3)  # ASHA keeps the best 1/reduction_factor per rung
-    objective: str = _choices("auto", "labels", "synthetic", default="auto")  # auto: labels if
-    # `val` holds healthy and anomalous patches, else synthetic lesions on healthy val patches
+    objective: str = _choices(
+        "auto", "labels", "synthetic", "cutpaste", "residual", "quality", "lesions", default="auto"
+    )  # what ranks trials (anogan_ray/core/objectives.py): auto is labels when `val` holds
+    # healthy and anomalous patches, else the label-free objective docs/tune.md measured best
     val_patches: int = _at_least(2, 256)  # val patches inverted per evaluation (fixed subset)
-    synthetic_patches: int = _at_least(0, 128)  # healthy val patches copied with a lesion
+    synthetic_patches: int = _at_least(0, 128)  # healthy val patches copied with an ellipse lesion
+    cutpaste_patches: int = _at_least(0, 128)  # healthy val patches copied with a lesion drawn
+    # from the data (CutPaste, another volume's tissue, another tissue's gray level)
     run_name: str = "sweep"  # re-running with the same name resumes the sweep
-    seed: int = 0  # seeds the sampled learning rates
+    seed: int = 0  # seeds the sampled learning rates and the evaluation set
 
 
 @dataclass

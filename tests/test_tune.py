@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 
@@ -16,16 +17,20 @@ import torch
 
 from anogan_ray import storage
 from anogan_ray.config import ConfigError, load_config
+from anogan_ray.core import objectives
 from anogan_ray.core.invert import score_patches
 from anogan_ray.core.model import load_bundle
 from anogan_ray.pipelines.tune import (
     SweepInterrupted,
     TuneError,
     add_synthetic_lesion,
+    check_gpus_per_trial,
     evaluate_objective,
     lambda_key,
     make_evaluation_set,
+    objective_key,
     sweep_mappings,
+    trial_scaling,
     tune,
 )
 from anogan_ray.tables import decode_pixels, encode_pixels, read_patch_table
@@ -48,6 +53,7 @@ def _config(*overrides: str):
             "score.steps=15",
             "tune.val_patches=32",
             "tune.synthetic_patches=16",
+            "tune.cutpaste_patches=16",
             *overrides,
         ],
     )
@@ -71,7 +77,7 @@ def phantom_patches(ray_local, tmp_path_factory) -> str:
 
 
 def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
-    phantom_patches, tmp_path, monkeypatch
+    phantom_patches, tmp_path, monkeypatch, scored_cohort
 ):
     cfg = _config("tune.scheduler=asha", "tune.grace_period=1")
     # a relative output folder, as typed on the command line: trials run in folders of their own
@@ -103,7 +109,13 @@ def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
     assert trials["epochs"].between(1, cfg.train.epochs).all()
     assert (trials["stopped_early"] == (trials["epochs"] < cfg.train.epochs)).all()
     assert len(history) == trials["epochs"].sum()
-    assert summary["agreement_with_val_auc"]["points"] == len(history)
+    # where val is labelled, the summary says how each label-free objective ranked the trials
+    agreement = summary["agreement"]
+    assert agreement["best_val_auc"] == pytest.approx(trials["objective_labels"].max())
+    for name in ("synthetic", "cutpaste", "residual", "quality"):
+        result = agreement["objectives"][name]
+        assert result["trials"] == len(trials) and result["trial_epochs"] == len(history)
+        assert 0 <= result["regret"] <= 1 and result["picked_trial"] in set(trials["trial_id"])
     # each trial is a Ray Train run with its own checkpoints and sample grids, as many at once
     # as the 2 CPUs hold; stopped or finished, no trial leaves workers holding them
     assert summary["max_concurrent_trials"] == 2
@@ -126,6 +138,26 @@ def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
         bundle, pixels, [row["patch_id"] for row in val], lambda_=0.1, steps=5, z_lr=0.05
     )
     assert np.isfinite(scores["anomaly_score"]).all()
+
+    # beside the best model, its sweep's leaderboard: the labelled AUC and the label-free
+    # objectives side by side, and how well they agreed; the report of a model shows both
+    sweep = json.loads((tmp_path / "best_model" / "sweep.json").read_text())
+    board = pd.DataFrame(sweep["leaderboard"])
+    assert list(board["trial_id"]) == list(
+        trials.sort_values("objective", ascending=False)["trial_id"]
+    )
+    assert {"val_auc", "synthetic_auc", "cutpaste_auc", "sliced_wasserstein"} <= set(board)
+    assert sweep["agreement"] == summary["agreement"]
+    from anogan_ray.analysis.report import report
+
+    model = tmp_path / "scored_model"  # a scored bundle, as if this sweep had chosen it
+    shutil.copytree(scored_cohort["model"], model)
+    shutil.copy(tmp_path / "best_model" / "sweep.json", model)
+    page = report(scored_cohort["scores"], str(tmp_path / "report"), model=str(model))
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert page["sweep"]["leaderboard"] == sweep["leaderboard"]
+    assert all(trial_id in html for trial_id in trials["trial_id"])
+    assert "regret" in html and "cutpaste" in html
 
 
 class InterruptAt(ray.tune.Callback):
@@ -202,12 +234,33 @@ def test_an_interrupted_sweep_resumes_wherever_it_was_interrupted(phantom_patche
         ("tune.lr_discriminator=[0.01, 0.001]", "tune.lr_discriminator"),
         ("tune.lambdas=[0.1, 1.5]", "tune.lambdas"),
         ("tune.z_lr=[0.0]", "tune.z_lr"),
+        ("tune.gpus_per_trial=-1", "tune.gpus_per_trial"),
+        ("tune.gpus_per_trial=many", "tune.gpus_per_trial"),
     ],
 )
 def test_an_invalid_search_space_is_rejected_before_any_trial_starts(override, key, tmp_path):
     with pytest.raises(ConfigError, match=key):
         tune(str(tmp_path / "no-patches"), str(tmp_path / "out"), _config(override))
     assert not os.path.exists(tmp_path / "out")  # nothing was read, started or written
+
+
+def test_gpus_asked_for_on_a_cluster_without_any_are_refused_before_trials_start(
+    phantom_patches, encoder_bundles, tmp_path
+):
+    # the session's local Ray: 2 CPUs, no GPU, no autoscaler (tests/test_tune_cluster.py has one)
+    for sweep in (
+        lambda: tune(phantom_patches, str(tmp_path / "a"), _config("tune.gpus_per_trial=1")),
+        lambda: tune(phantom_patches, str(tmp_path / "b"), _config("train.use_gpu=true")),
+        lambda: sweep_mappings(
+            phantom_patches,
+            encoder_bundles["plain"],
+            str(tmp_path / "c"),
+            _config("tune.gpus_per_trial=0.5"),
+        ),  # fmt: skip
+    ):
+        with pytest.raises(TuneError, match="no GPU and its autoscaler cannot add one"):
+            sweep()
+    assert not os.path.exists(tmp_path / "a" / "_tune")  # nothing started
 
 
 # --- the objectives, without Ray: a small GAN trained on synthetic healthy patches ---
@@ -222,30 +275,122 @@ def test_synthetic_lesions_are_local_and_reproducible(synthetic_patches):
     assert lesioned.min() >= -1 and lesioned.max() <= 1
 
 
-def test_without_labels_the_objective_is_the_synthetic_lesion_auc(tiny_bundle, synthetic_patches):
-    cfg = _config("tune.val_patches=24", "tune.synthetic_patches=12")
+def test_lesions_drawn_from_the_data_are_visible_local_and_reproducible(synthetic_patches):
+    patch, donor = synthetic_patches(2, seed=5)
+    for kind in objectives.DATA_LESION_KINDS:
+        for seed in range(5):
+            lesioned, mask, drawn = objectives.data_lesion(patch, donor, seed, kind)
+            assert drawn == kind and lesioned.min() >= -1 and lesioned.max() <= 1
+            # one local lesion the model can see; the rest of the patch untouched
+            assert 0.01 * patch.size < mask.sum() < 0.3 * patch.size
+            assert np.abs(lesioned - patch)[mask].mean() >= objectives.MIN_CHANGE
+            np.testing.assert_array_equal(lesioned[~mask], patch[~mask])
+            again = objectives.data_lesion(patch, donor, seed, kind)
+            np.testing.assert_array_equal(again[0], lesioned)
+    # a transplant is the donor's tissue: its pixels are a region of the donor
+    lesioned, mask, _ = objectives.data_lesion(patch, donor, 0, "transplant")
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    region = lesioned[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    windows = np.lib.stride_tricks.sliding_window_view(donor, region.shape)
+    assert (windows == region).all(axis=(2, 3)).any()
+
+
+def test_label_free_lesions_come_from_healthy_volumes_only(synthetic_patches):
+    """A val split with a pathological volume: copies are made of the healthy volumes' patches
+    only (as in a cohort without labels), and drawn lesions take another volume's tissue."""
+    cfg = _config("tune.val_patches=40", "tune.synthetic_patches=8", "tune.cutpaste_patches=8")
+    pixels = encode_pixels(synthetic_patches(40, seed=4))
+    volumes = np.repeat(["healthy-a", "healthy-b", "pathological"], [14, 14, 12])
+    ids = np.array([f"{v}/b0000/y0000x{i:04d}" for i, v in enumerate(volumes)])
+    labels = np.zeros(40, np.int8)
+    labels[-3:] = 1  # three lesion patches: the whole volume is not healthy
+    data = make_evaluation_set(ids, labels, pixels, cfg, volumes=volumes)
+    assert data.objective == "labels" and data.count == 40 and data.val_anomalous == 3
+    assert data.healthy[:40].sum() == 28 and not data.healthy[28:].any()
+    for kind in ("synthetic", "cutpaste"):
+        copies = data.copies(kind)
+        assert len(copies) == 8 and (data.labels[copies] == -1).all()
+        assert data.healthy[data.source[copies]].all()  # originals from healthy volumes
+        assert all(data.ids[c].startswith(data.ids[data.source[c]]) for c in copies)
+
+
+@pytest.mark.parametrize("objective", ["auto", "cutpaste", "residual", "lesions"])
+def test_without_labels_a_label_free_objective_ranks_and_every_candidate_is_reported(
+    objective, tiny_bundle, synthetic_patches
+):
+    cfg = _config(
+        "tune.val_patches=24", "tune.synthetic_patches=12", "tune.cutpaste_patches=12",
+        f"tune.objective={objective}",
+    )  # fmt: skip
     val = encode_pixels(synthetic_patches(24, seed=2))
     ids = np.array([f"val/b0000/y0000x{i:04d}" for i in range(24)])
     data = make_evaluation_set(ids, np.full(24, -1), val, cfg)  # no labels at all
-    assert data.objective == "synthetic" and data.synthetic.sum() == 12
+    expected = objectives.DEFAULT_LABEL_FREE if objective == "auto" else objective
+    assert data.objective == expected and len(data.copies("cutpaste")) == 12
     bundle = load_bundle(tiny_bundle)
-    kwargs = dict(steps=30, z_lr=0.05, batch_size=64, latent_prior="normal")
-    metrics = evaluate_objective(bundle.generator, bundle.discriminator, data, LAMBDAS, **kwargs)
-    assert math.isnan(metrics["val_auc"])  # nothing labelled
-    best = max(metrics[lambda_key("synthetic_auc", lam)] for lam in LAMBDAS)
-    assert metrics["objective"] == best == metrics["synthetic_auc"]
-    assert metrics["objective"] > 0.5  # a GAN trained on healthy patches flags pasted lesions
-    again = evaluate_objective(bundle.generator, bundle.discriminator, data, LAMBDAS, **kwargs)
+    kwargs = dict(steps=30, z_lr=0.05, latent_prior="normal")
+    fixed = {"sliced_wasserstein": 0.25}
+    metrics = evaluate_objective(
+        bundle.generator, bundle.discriminator, data, LAMBDAS, fixed_metrics=fixed, **kwargs
+    )
+    assert math.isnan(metrics["val_auc"]) and objective_key("labels") not in metrics
+    # the objective is its best λ's value; every label-free candidate is there beside it
+    parts = objectives.OBJECTIVES[expected].metrics
+    per_lambda = [
+        objectives.objective_value(expected, {m: metrics[lambda_key(m, lam)] for m in parts})
+        for lam in LAMBDAS
+    ]
+    assert metrics["objective"] == max(per_lambda) == metrics[objective_key(expected)]
+    assert metrics[objective_key("quality")] == -0.25
+    for candidate in objectives.LABEL_FREE:
+        assert math.isfinite(metrics[objective_key(candidate)]), candidate
+    # a GAN trained on healthy patches flags pasted lesions, ours and the data's
+    assert metrics["synthetic_auc"] > 0.5 and metrics["cutpaste_auc"] > 0.5
+    again = evaluate_objective(
+        bundle.generator, bundle.discriminator, data, LAMBDAS, fixed_metrics=fixed, **kwargs
+    )
     assert again == metrics  # a fixed evaluation set and seeded z: the same objective
+
+
+def test_agreement_rewards_an_objective_that_ranks_as_the_labels_do():
+    labelled = np.array([0.61, 0.70, 0.55, 0.82, 0.66, 0.74])
+    same = objectives.agreement(labelled * 2 - 0.1, labelled)
+    assert same["spearman"] == 1.0 and same["spearman_ci95"] == [1.0, 1.0]
+    assert same["regret"] == 0.0 and same["picked"] == 3
+    reversed_ = objectives.agreement(-labelled, labelled)
+    assert reversed_["spearman"] == -1.0 and reversed_["regret"] == pytest.approx(0.82 - 0.55)
+    noise = np.random.default_rng(0).normal(size=6)
+    low, high = objectives.agreement(noise, labelled)["spearman_ci95"]
+    assert low < objectives.spearman(noise, labelled) < high  # an interval around it
+
+
+@pytest.mark.parametrize(
+    "gpus, workers, fine",
+    [("auto", 4, True), (0, 2, True), (0.25, 1, True), (2, 2, True), (1, 2, False), (2, 1, False)],
+)
+def test_gpus_per_trial_give_each_ddp_worker_a_whole_gpu_or_one_worker_a_part(gpus, workers, fine):
+    cfg = _config(f"tune.gpus_per_trial={gpus}", f"train.num_workers={workers}")
+    if not fine:
+        with pytest.raises(ConfigError, match="tune.gpus_per_trial"):
+            check_gpus_per_trial(cfg.tune, workers)
+        return
+    check_gpus_per_trial(cfg.tune, workers)
+    if gpus != "auto":
+        scaling = trial_scaling(cfg, float(gpus))
+        assert scaling.num_workers == workers and scaling.use_gpu == bool(gpus)
+        assert scaling.resources_per_worker.get("GPU", 0) * workers == pytest.approx(gpus)
 
 
 def test_a_mapping_sweep_scores_each_mapping_and_names_the_cheapest_that_keeps_the_auc(
     phantom_patches, encoder_bundles, tmp_path
 ):
     """`tune --model`: one Tune trial per (mapping, Γ) of a trained bundle, on the val split."""
-    cfg = _config("tune.steps=[0, 4]", "tune.val_patches=24", "tune.synthetic_patches=0")
+    cfg = _config(
+        "tune.steps=[0, 4]", "tune.val_patches=24", "tune.synthetic_patches=0",
+        "tune.cutpaste_patches=0",
+    )  # fmt: skip
     summary = sweep_mappings(phantom_patches, encoder_bundles["with_encoder"], str(tmp_path), cfg)
-    settings = [(row["mapping"], row["steps"]) for row in summary["mappings"]]
+    settings = [(row["mapping"], int(row["steps"])) for row in summary["mappings"]]
     # encoder+iterative with Γ = 0 is the encoder mapping: it runs once
     assert settings == [
         ("encoder", 0),

@@ -706,6 +706,10 @@ def report(
         )
     else:
         skipped["quality"] = "needs a model bundle (--model) written by `train`"
+    from anogan_ray.core.objectives import SWEEP_FILE
+
+    sweep_url = storage.join(model, SWEEP_FILE) if model else None
+    sweep = storage.read_json(sweep_url) if sweep_url and storage.exists(sweep_url) else None
     ranked = pd.DataFrame()
     if bundle is not None:  # the most anomalous patches, for top-k and markers
         ranked = query.top_k(scores, max(top_k, marker_patches), split=split, key=key).to_pandas()
@@ -802,7 +806,9 @@ def report(
     index = storage.join(out, "index.html")
     keys = metrics.compare(scores, split) if len(scoring_keys(open_dataset(scores))) > 1 else []
     counted = f"{n_patches} patches in {n_volumes} volumes"
-    page = _index_html(chosen_key.model_id, split, counted, images, captions, skipped, auc, keys)
+    page = _index_html(
+        chosen_key.model_id, split, counted, images, captions, skipped, auc, keys, sweep
+    )
     storage.write_bytes(index, page.encode())
     summary = {
         "out": out,
@@ -812,6 +818,7 @@ def report(
         "auc": auc,
         "markers": markers_url,
         "keys": keys,
+        "sweep": sweep,  # the leaderboard and agreement of the sweep that chose this model
     }
     storage.write_json(storage.join(out, "summary.json"), summary)
     return summary
@@ -826,6 +833,7 @@ def _index_html(
     skipped: dict[str, str],
     auc: dict[str, float],
     keys: list[dict[str, Any]],
+    sweep: dict[str, Any] | None = None,
 ) -> str:
     esc = html.escape
     parts = [
@@ -856,6 +864,8 @@ def _index_html(
             f"<h2>Every scoring key of the table, split {esc(split)}</h2>"
             f"<table><tr>{head}</tr>{body}</table>"
         )
+    if sweep:
+        parts.append(_sweep_html(sweep))
     for name, url in images.items():
         file_name = url.rstrip("/").rsplit("/", 1)[-1]
         parts.append(
@@ -867,4 +877,43 @@ def _index_html(
         parts += [f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in skipped.items()]
         parts.append("</ul>")
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _sweep_html(sweep: dict[str, Any]) -> str:
+    """The leaderboard of the sweep that chose this model (``tune``'s ``sweep.json``): every
+    objective side by side, and where ``val`` was labelled how well each label-free one agreed."""
+    esc = html.escape
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else esc(str(value))
+
+    board = sweep.get("leaderboard") or []
+    columns = list(board[0]) if board else []
+    parts = [
+        f"<h2>The sweep that chose this model: {sweep['trials']} trials, ranked by "
+        f"{esc(sweep['objective'])} ({esc(sweep.get('objective_description', ''))})</h2>",
+        "<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>",
+        *("<tr>" + "".join(f"<td>{cell(row[c])}</td>" for c in columns) + "</tr>" for row in board),
+        "</table>",
+    ]
+    agreement = sweep.get("agreement")
+    if agreement:
+        parts.append(
+            "<p>How each label-free objective ranked these trials against the labelled val AUC "
+            f"(best {agreement['best_val_auc']:.4f}): Spearman over the trials' last epochs with "
+            "a bootstrap 95 % interval, and the regret (best labelled AUC minus that of the "
+            "trial the objective ranks first).</p><table><tr><th>objective</th><th>Spearman</th>"
+            "<th>95 % interval</th><th>regret</th><th>picks</th></tr>"
+        )
+        for name, row in agreement["objectives"].items():
+            low, high = row["spearman_ci95"]
+            interval = "" if low is None else f"[{low:.2f}, {high:.2f}]"
+            parts.append(
+                f"<tr><td>{esc(name)}</td><td>{cell(row['spearman'])}</td><td>{interval}</td>"
+                f"<td>{cell(row['regret'])}</td><td>{cell(row['picked_trial'])}</td></tr>"
+            )
+        parts.append("</table>")
     return "\n".join(parts)
