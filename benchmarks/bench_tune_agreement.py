@@ -1,34 +1,61 @@
-"""Benchmark: does the label-free sweep objective pick what the labelled val AUC would pick?
+"""Benchmark: do the sweep's label-free objectives pick what the labelled val AUC would pick?
 
-Writes the demo-sized phantom cohort with some pathological subjects moved into ``val`` (so the
-``val`` split is labelled), preprocesses it, and runs ``anogan-ray tune`` (every trial a Ray Train
-run) with the FIFO scheduler, so every trial reports every epoch. At each trial-epoch the sweep
-records both the labelled val AUC of A(x) and the synthetic-lesion AUC (the objective used when
-``val`` has no labels). Prints JSON: the Spearman rank correlation of the two over all
-trial-epochs and over the trials' last epochs, the trial each one would choose, and the labelled
-AUC lost by choosing with the synthetic objective.
+For each data set it writes a labelled ``val`` split, then for each seed runs ``anogan-ray tune``
+(every trial a Ray Train run; FIFO, so every trial reports every epoch; ``tune.objective=labels``
+so the sweep itself ranks by the labels) with lr_G and lr_D log-uniform in [5e-5, 5e-3]. Every
+trial-epoch reports the labelled AUC and every label-free candidate
+(``anogan_ray/core/objectives.py``) on the same trained model, on a small evaluation set
+(``--sweep-val-patches``, ``--sweep-lesion-patches``). Then each trial's final model (its last
+checkpoint, the model the sweep picks among) is evaluated once more by the sweep's own
+``EpochEvaluation`` on a large evaluation set (``--val-patches``: all of val by default;
+``--lesion-patches`` copies of each kind): the agreement is measured on those numbers.
 
-    python benchmarks/bench_tune_agreement.py [--trials 8] [--epochs 4] [--out bench.json]
+For each candidate it prints Spearman's rank correlation with the labelled AUC over the trials'
+final models with a percentile bootstrap 95 % interval over the trials, Spearman over every
+trial-epoch of the sweep (small evaluation set), and the regret: the best labelled AUC of the
+sweep minus the labelled AUC of the trial the candidate ranks first. Per data set also the trials
+of all seeds pooled (their regret: the mean of the sweeps').
+
+Data sets (``--sets``):
+
+* ``phantom``: the demo cohort with ``--pathological`` pathological subjects, ``--pathological-in-val``
+  of them moved into ``val`` beside its healthy ones (patch labels from the lesion masks).
+* ``brick``, ``grass``, ``gravel``: ``benchmarks/bench_images.py``'s photograph sets (pasted
+  defects with their masks); its ``test`` images join ``val``, so ``val`` holds 50 normal and
+  50 defect images (patch labels from the defect masks).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_tune_agreement.py --sets phantom,grass,brick \\
+        --seeds 0,1 --trials 8 --epochs 4 --work /tmp/agreement --out agreement.json
+
+Finished sweeps and final evaluations in ``--work`` are reused; ``--reevaluate`` evaluates the
+final models again (the current code and sizes; nothing is retrained).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
 import platform
 import sys
-import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
+import torch
 
-from anogan_ray.config import load_config
-from anogan_ray.data.phantom import write_cohort
-from anogan_ray.pipelines.preprocess import preprocess
-from anogan_ray.pipelines.tune import tune
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_images beside this file
+
+from anogan_ray import storage  # noqa: E402
+from anogan_ray.config import Config, load_config  # noqa: E402
+from anogan_ray.core import objectives  # noqa: E402
+from anogan_ray.core.model import QUALITY_FILE  # noqa: E402
+from anogan_ray.pipelines import tune as sweep  # noqa: E402
+
+PHOTOS = ("brick", "grass", "gravel")
 
 
 def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
@@ -40,114 +67,275 @@ def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
     return float(np.sqrt(variance))
 
 
+# ---------------------------------------------------------------------------------------------
+# Labelled val splits
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_phantom(root: Path, cfg: Config, pathological_in_val: int) -> str:
+    from anogan_ray.data.phantom import write_cohort
+    from anogan_ray.pipelines.preprocess import preprocess
+
+    manifest_path = root / "cohort" / "manifest.csv"
+    write_cohort(cfg.phantom, str(root / "cohort"))
+    manifest = pd.read_csv(manifest_path)
+    pathological = sorted(manifest.loc[manifest["label"] == 1, "subject_id"].unique())
+    manifest.loc[manifest["subject_id"].isin(pathological[:pathological_in_val]), "split"] = "val"
+    manifest.to_csv(manifest_path, index=False)
+    preprocess(str(manifest_path), str(root / "preprocess"), cfg.preprocess)
+    return str(root / "preprocess" / "patches")
+
+
+def prepare_photos(name: str, root: Path, cfg: Config, seed: int) -> str:
+    from bench_images import write_photo_set
+
+    from anogan_ray.data.manifest import build_manifest
+    from anogan_ray.pipelines.preprocess import preprocess
+
+    images = root / "images"
+    write_photo_set(name, images, seed)
+    if not list(images.glob("*/defect/*_mask.png")):
+        raise SystemExit(
+            f"{images}: bench_images.write_photo_set wrote no defect masks (X_mask.png); this "
+            "benchmark needs patch labels from them"
+        )
+    manifest = str(root / "manifest.csv")
+    build_manifest(
+        str(images), manifest, modality="image", split_from_folder=True,
+        label_from_folder={"normal": 0, "defect": 1},
+    )  # fmt: skip
+    table = pd.read_csv(manifest)
+    table.loc[table["split"] == "test", "split"] = "val"  # a larger labelled val
+    table.to_csv(manifest, index=False)
+    preprocess(manifest, str(root / "preprocess"), cfg.preprocess)
+    return str(root / "preprocess" / "patches")
+
+
+# ---------------------------------------------------------------------------------------------
+# The trials' final models on a large evaluation set
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_final_models(patches: str, out: str, cfg: Config) -> pd.DataFrame:
+    """Every trial's metrics on its final model (its last checkpoint) with the sweep's own
+    ``EpochEvaluation`` on ``cfg``'s evaluation set: one row per trial."""
+    from anogan_ray.pipelines.train import batchnorm_pixels, read_training_patches
+
+    trials = pd.read_parquet(storage.join(out, "trials.parquet"))
+    evaluation = sweep.load_evaluation_set(patches, cfg)
+    real_pixels = batchnorm_pixels(read_training_patches(patches, seed=cfg.train.seed), cfg)
+    counts = {
+        "eval_patches": evaluation.count,
+        "eval_anomalous": int((evaluation.labels == 1).sum()),
+        "eval_healthy": int(evaluation.healthy.sum()),
+        "synthetic_copies": len(evaluation.copies("synthetic")),
+        "cutpaste_copies": len(evaluation.copies("cutpaste")),
+    }
+    rows = []
+    for trial in trials.to_dict("records"):
+        trial_cfg = sweep.trial_settings(cfg.to_dict(), trial, gpus=0)
+        folder = sweep.trial_folder(out, trial_cfg, trial["trial_id"])
+        run = storage.join(folder, sweep.RUNS_FOLDER, trial_cfg.train.run_name)
+        last = storage.join(run, sweep.checkpoint_name(int(trial["step"])), "state.pt")
+        state = torch.load(io.BytesIO(storage.read_bytes(last)), weights_only=True)
+        evaluate = sweep.EpochEvaluation(
+            evaluation, real_pixels, trial_cfg, storage.join(folder, QUALITY_FILE)
+        )
+        metrics = evaluate({**state, "epoch": float(trial["epochs"])})
+        settings = {k: trial[k] for k in ("lr_generator", "lr_discriminator", "epochs", "step")}
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        rows.append({"trial_id": trial["trial_id"], **settings, **counts, **flat})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement
+# ---------------------------------------------------------------------------------------------
+
+
+def agreement_rows(trials: pd.DataFrame, history: pd.DataFrame, seed: int) -> dict:
+    """Per label-free candidate: agreement over the trials' last epochs and all trial-epochs."""
+    labelled = sweep.objective_key("labels")
+    result = {}
+    for name in objectives.LABEL_FREE:
+        key = sweep.objective_key(name)
+        if key not in trials or trials[key].notna().sum() < 3:
+            continue
+        row = objectives.agreement(trials[key], trials[labelled], seed=seed)
+        row["picked_trial"] = trials["trial_id"].iloc[row.pop("picked")]
+        rho = objectives.spearman(history[key], history[labelled])
+        low_high = objectives.spearman_interval(history[key], history[labelled], seed=seed)[1:]
+        row["spearman_trial_epochs"] = round(rho, 4) if math.isfinite(rho) else None
+        row["spearman_trial_epochs_ci95"] = [round(v, 4) for v in low_high]
+        row["trial_epochs"] = int(history[[key, labelled]].notna().all(axis=1).sum())
+        result[name] = row
+    return result
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of agreement rows."""
+    header = (
+        "| set | seeds | candidate | trials | Spearman, final models [95 % CI] | "
+        "Spearman, trial-epochs | regret | best labelled AUC |"
+    )
+    lines = [header, "|" + "---|" * 8]
+    for r in rows:
+        low, high = r["spearman_ci95"]
+        ci = "" if low is None else f" [{low:.2f}, {high:.2f}]"
+        rho = "n/a" if r["spearman"] is None else f"{r['spearman']:.2f}"
+        epochs = r.get("spearman_trial_epochs")
+        epochs = "n/a" if epochs is None else f"{epochs:.2f}"
+        regret = "n/a" if r["regret"] is None else f"{r['regret']:.3f}"
+        lines.append(
+            f"| {r['set']} | {r['seeds']} | {r['candidate']} | {r['trials']} | {rho}{ci} | "
+            f"{epochs} | {regret} | {r['best_val_auc']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="demo", help="config preset (cohort, model, training)")
-    parser.add_argument("--trials", type=int, default=8, help="trials (sampled learning rates)")
+    parser.add_argument("--sets", default="phantom,grass,brick", help="phantom and/or photo sets")
+    parser.add_argument("--seeds", default="0,1", help="sweep seeds (tune.seed and train.seed)")
+    parser.add_argument("--preset", default="demo", help="config preset (model, training)")
+    parser.add_argument("--trials", type=int, default=8, help="trials per sweep")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs per trial")
     parser.add_argument(
-        "--pathological-in-val", type=int, default=2, help="pathological subjects moved to val"
+        "--pathological", type=int, default=8, help="phantom: pathological subjects"
     )
-    parser.add_argument("--val-patches", type=int, default=160, help="tune.val_patches")
-    parser.add_argument("--synthetic-patches", type=int, default=80, help="tune.synthetic_patches")
-    parser.add_argument("--steps", type=int, default=30, help="inversion steps per evaluation")
-    parser.add_argument("--workdir", default=None, help="keep the cohort and sweep here")
+    parser.add_argument(
+        "--pathological-in-val", type=int, default=4, help="phantom: of them moved to val"
+    )
+    parser.add_argument(
+        "--val-patches", type=int, default=100_000, help="val patches, final evaluation"
+    )
+    parser.add_argument(
+        "--lesion-patches", type=int, default=384, help="copies of each kind, final evaluation"
+    )
+    parser.add_argument("--sweep-val-patches", type=int, default=128, help="tune.val_patches")
+    parser.add_argument(
+        "--sweep-lesion-patches", type=int, default=32, help="tune.synthetic/cutpaste_patches"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="inversion steps per evaluation")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="more overrides"
+    )
+    parser.add_argument("--work", required=True, help="data sets and sweeps (kept; reused)")
+    parser.add_argument("--reevaluate", action="store_true", help="evaluate final models again")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    cfg = load_config(
-        args.preset,
-        [
+    from anogan_ray.ray_env import ensure_ray
+
+    ensure_ray()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = Path(args.work)
+    per_sweep, pooled, timings = [], [], {}
+    for name in args.sets.split(","):
+        base = [
             f"train.epochs={args.epochs}",
             f"tune.num_samples={args.trials}",
             "tune.scheduler=fifo",
+            "tune.objective=labels",
             "tune.lr_generator=[0.00005, 0.005]",
             "tune.lr_discriminator=[0.00005, 0.005]",
             "tune.lambdas=[0.1]",
-            f"tune.val_patches={args.val_patches}",
-            f"tune.synthetic_patches={args.synthetic_patches}",
+            f"tune.val_patches={args.sweep_val_patches}",
+            f"tune.synthetic_patches={args.sweep_lesion_patches}",
+            f"tune.cutpaste_patches={args.sweep_lesion_patches}",
             f"score.steps={args.steps}",
-        ],
-    )
-    with tempfile.TemporaryDirectory() as scratch:
-        root = args.workdir or scratch
+            "tune.gpus_per_trial=0",
+            f"phantom.pathological_subjects={args.pathological}",
+            *args.overrides,
+        ]
+        root = work / name
+        patches = root / "preprocess" / "patches"
         started = time.monotonic()
-        write_cohort(cfg.phantom, os.path.join(root, "cohort"))
-        manifest_path = os.path.join(root, "cohort", "manifest.csv")
-        manifest = pd.read_csv(manifest_path)
-        pathological = sorted(manifest.loc[manifest["label"] == 1, "subject_id"].unique())
-        moved = pathological[: args.pathological_in_val]
-        manifest.loc[manifest["subject_id"].isin(moved), "split"] = "val"
-        manifest.to_csv(manifest_path, index=False)
-        preprocess(manifest_path, os.path.join(root, "preprocess"), cfg.preprocess)
-        prepared = time.monotonic() - started
-        summary = tune(os.path.join(root, "preprocess", "patches"), os.path.join(root, "tune"), cfg)
-        history = pd.read_parquet(summary["history_table"])
-        trials = pd.read_parquet(summary["trials_table"])
-
-    eval_anomalous = round(
-        summary["eval_patches"] * summary["val_anomalous"] / summary["val_patches"]
-    )  # expected count in the random subset
-    both = history.dropna(subset=["val_auc", "synthetic_auc"])
-    last = trials.dropna(subset=["val_auc", "synthetic_auc"])
-    by_labels = last.loc[last["val_auc"].idxmax()]
-    by_synthetic = last.loc[last["synthetic_auc"].idxmax()]
+        if not patches.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            cfg = load_config(args.preset, base)
+            if name == "phantom":
+                prepare_phantom(root, cfg, args.pathological_in_val)
+            elif name in PHOTOS:
+                prepare_photos(name, root, cfg, seed=0)
+            else:
+                raise SystemExit(f"--sets: unknown set {name!r} (phantom, {', '.join(PHOTOS)})")
+        timings[f"{name}_prepare_s"] = round(time.monotonic() - started, 1)
+        all_trials, all_history = [], []
+        for seed in seeds:
+            seeded = [*base, f"tune.seed={seed}", f"train.seed={seed}", f"tune.run_name=seed{seed}"]
+            cfg = load_config(args.preset, seeded)
+            out = str(root / f"tune-seed{seed}")
+            started = time.monotonic()
+            if not (Path(out) / "summary.json").exists():
+                sweep.tune(str(patches), out, cfg)
+            summary = json.loads((Path(out) / "summary.json").read_text())
+            timings[f"{name}_seed{seed}_sweep_s"] = summary["wall_seconds"]
+            history = pd.read_parquet(summary["history_table"])
+            final = Path(out) / "final_models.parquet"
+            if args.reevaluate or not final.exists():
+                started = time.monotonic()
+                sizes = [
+                    f"tune.val_patches={args.val_patches}",
+                    f"tune.synthetic_patches={args.lesion_patches}",
+                    f"tune.cutpaste_patches={args.lesion_patches}",
+                ]
+                large = load_config(args.preset, [*seeded, *sizes])
+                evaluate_final_models(str(patches), out, large).to_parquet(final)
+                timings[f"{name}_seed{seed}_final_eval_s"] = round(time.monotonic() - started, 1)
+            trials = pd.read_parquet(final)
+            trials, history = trials.assign(seed=seed), history.assign(seed=seed)
+            all_trials.append(trials)
+            all_history.append(history)
+            labelled = trials[sweep.objective_key("labels")]
+            anomalous, patches_evaluated = trials["eval_anomalous"][0], trials["eval_patches"][0]
+            for candidate, row in agreement_rows(trials, history, seed).items():
+                per_sweep.append({
+                    "set": name, "seeds": str(seed), "candidate": candidate,
+                    "best_val_auc": float(labelled.max()),
+                    "val_auc_range": [float(labelled.min()), float(labelled.max())],
+                    "standard_error_val_auc": round(auc_standard_error(
+                        float(labelled.mean()), int(anomalous),
+                        int(patches_evaluated - anomalous)), 4),
+                    "eval_patches": int(patches_evaluated),
+                    "eval_anomalous": int(anomalous),
+                    **row,
+                })  # fmt: skip
+        trials, history = pd.concat(all_trials), pd.concat(all_history)
+        trials = trials.assign(trial_id=trials["seed"].astype(str) + "/" + trials["trial_id"])
+        history = history.assign(trial_id=history["seed"].astype(str) + "/" + history["trial_id"])
+        for candidate, row in agreement_rows(trials, history, 0).items():
+            regrets = [r["regret"] for r in per_sweep if r["set"] == name
+                       and r["candidate"] == candidate and r["regret"] is not None]  # fmt: skip
+            pooled.append({
+                "set": name, "seeds": ",".join(map(str, seeds)), "candidate": candidate,
+                "best_val_auc": float(trials[sweep.objective_key("labels")].max()),
+                **row,
+                "regret_pooled": row["regret"],
+                "regret": float(np.mean(regrets)) if regrets else None,  # mean of the sweeps'
+            })  # fmt: skip
+        columns = ["trial_id", "lr_generator", "lr_discriminator", "epochs"] + [
+            sweep.objective_key(n) for n in objectives.OBJECTIVES
+        ]
+        print(f"\n{name}: trials (final models)")
+        print(
+            trials[[c for c in columns if c in trials]].to_string(index=False, float_format="%.4g")
+        )
+    print("\nper sweep:\n" + format_table(per_sweep))
+    print("\npooled over seeds (regret: mean of the sweeps'):\n" + format_table(pooled))
     result = {
         "benchmark": "tune_agreement",
-        "preset": args.preset,
-        "trials": len(trials),
-        "epochs": args.epochs,
-        "val_patches": summary["val_patches"],
-        "val_anomalous": summary["val_anomalous"],
-        "eval_patches": summary["eval_patches"],
-        "synthetic_patches": summary["synthetic_patches"],
-        "trial_epochs": len(both),
-        # how far apart two trials' AUCs must be before the evaluation set can tell them apart
-        "standard_error_val_auc": round(
-            auc_standard_error(
-                float(last["val_auc"].mean()),
-                eval_anomalous,
-                summary["eval_patches"] - eval_anomalous,
-            ),
-            4,
-        ),
-        "standard_error_synthetic_auc": round(
-            auc_standard_error(
-                float(last["synthetic_auc"].mean()),
-                summary["synthetic_patches"],
-                summary["synthetic_patches"],
-            ),
-            4,
-        ),
-        "spearman_all_trial_epochs": round(
-            float(spearmanr(both["synthetic_auc"], both["val_auc"]).statistic), 4
-        ),
-        "spearman_last_epochs": round(
-            float(spearmanr(last["synthetic_auc"], last["val_auc"]).statistic), 4
-        ),
-        "spearman_neg_healthy_residual": summary["agreement_with_val_auc"][
-            "spearman_neg_healthy_residual"
-        ],
-        "best_val_auc": round(float(by_labels["val_auc"]), 4),
-        "val_auc_of_synthetic_choice": round(float(by_synthetic["val_auc"]), 4),
-        "same_trial_chosen": bool(by_labels["trial_id"] == by_synthetic["trial_id"]),
-        "per_trial": last[
-            ["trial_id", "lr_generator", "lr_discriminator", "val_auc", "synthetic_auc"]
-        ]
-        .round(5)
-        .to_dict("records"),
-        "max_concurrent_trials": summary["max_concurrent_trials"],
-        "prepare_seconds": round(prepared, 1),
-        "sweep_seconds": summary["wall_seconds"],
+        "argv": sys.argv[1:] if argv is None else argv,
+        "per_sweep": per_sweep,
+        "pooled": pooled,
+        "timings": timings,
+        "reevaluated": args.reevaluate,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
 
 

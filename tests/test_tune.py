@@ -27,6 +27,7 @@ from anogan_ray.pipelines.tune import (
     check_gpus_per_trial,
     evaluate_objective,
     lambda_key,
+    leaderboard,
     make_evaluation_set,
     objective_key,
     sweep_mappings,
@@ -148,6 +149,8 @@ def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
     )
     assert {"val_auc", "synthetic_auc", "cutpaste_auc", "sliced_wasserstein"} <= set(board)
     assert sweep["agreement"] == summary["agreement"]
+    printed = leaderboard(str(tmp_path))  # what `anogan-ray tune` prints
+    assert all(name in printed for name in ("val_auc", "cutpaste_auc", "Spearman", "regret"))
     from anogan_ray.analysis.report import report
 
     model = tmp_path / "scored_model"  # a scored bundle, as if this sweep had chosen it
