@@ -46,6 +46,7 @@ def test_cohort_to_query_with_everything_in_a_bucket(ray_local, bucket):
             "train.max_steps=2",
             "train.checkpoint_every=2",
             "train.batchnorm_samples=64",
+            "train.encoder=false",  # the encoder's run on S3: test_train.py's DDP test
             "score.steps=3",
             "score.batch_size=32",
         ],

@@ -159,6 +159,7 @@ def test_ddp_replicas_stay_identical_survive_a_killed_worker_and_resume(patch_ta
         "train.epochs=4",
         "train.checkpoint_every=2",
         "train.max_failures=1",
+        "train.baselines=false",  # the aCAE's run on S3: test_object_storage.py
     )
     # A worker's process is SIGKILLed from outside (as an OOM killer would) once Ray Train has
     # registered a checkpoint, in the GAN's run and again in the encoder's (the same harness);
@@ -203,7 +204,9 @@ def test_ddp_replicas_stay_identical_survive_a_killed_worker_and_resume(patch_ta
         assert not torch.allclose(bundle.generator(z), initial_generator.eval()(z))
 
     # re-running with the same run name continues the run instead of starting over
-    longer = _config("train.num_workers=2", "train.epochs=5", "train.checkpoint_every=2")
+    # (the GAN's run goes on; the encoder's harness is the same)
+    longer = _config("train.num_workers=2", "train.epochs=5", "train.checkpoint_every=2",
+                     "train.encoder=false", "train.baselines=false")  # fmt: skip
     summary = train(patch_table, out, longer)
     assert summary["resumed_from_step"] == 16
     assert summary["steps"] == 20

@@ -191,8 +191,8 @@ class InterruptAt(ray.tune.Callback):
 
 
 def test_an_interrupted_sweep_resumes_wherever_it_was_interrupted(phantom_patches, bucket):
-    # two DDP workers per trial: the 2 CPUs hold one trial at a time
-    cfg = _config("tune.scheduler=fifo", "train.num_workers=2", "train.epochs=2")
+    # one trial at a time
+    cfg = _config("tune.scheduler=fifo", "tune.max_concurrent=1", "train.epochs=2")
     out = f"{bucket}/sweep"
     experiment = storage.join(out, "_tune", cfg.tune.run_name)
 
