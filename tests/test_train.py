@@ -234,7 +234,10 @@ def _row_profile_spread(patches: np.ndarray) -> float:
 def test_training_teaches_g_the_healthy_patches_and_d_to_tell_them_apart(
     patch_table, tmp_path, monkeypatch
 ):
-    cfg = _config("train.epochs=10", "train.lr_generator=0.002", "train.lr_discriminator=0.0005")
+    cfg = _config(
+        "train.epochs=10", "train.lr_generator=0.002", "train.lr_discriminator=0.0005",
+        "train.encoder=false", "train.baselines=false",  # G and D are judged here
+    )  # fmt: skip
     monkeypatch.chdir(tmp_path)  # a relative output folder: the workers run in folders of their own
     summary = train(patch_table, "model", cfg)
     assert summary["samples"] == [
