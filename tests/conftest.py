@@ -370,6 +370,36 @@ def without_session_ray():
 
 
 @pytest.fixture(scope="session")
+def loopback_cluster():
+    """A context manager ``(head_node_args, [node_args, ...]) -> (cluster, nodes)``: a
+    ``ray.cluster_utils.Cluster`` whose nodes all stay on 127.0.0.1, with this driver connected
+    and every node up; shut down on exit. Use it with ``without_session_ray``."""
+    import contextlib
+
+    import ray
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    @contextlib.contextmanager
+    def start(head_node_args: dict, node_args: list[dict]):
+        with pytest.MonkeyPatch.context() as patch:
+            # Keep every node on 127.0.0.1: Ray otherwise swaps loopback for the machine's address.
+            patch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+            patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+            cluster = Cluster(initialize_head=True, head_node_args=head_node_args)
+            try:
+                nodes = [cluster.add_node(**args) for args in node_args]
+                ray.init(address=cluster.address, log_to_driver=False)
+                cluster.wait_for_nodes()
+                yield cluster, nodes
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+
+    return start
+
+
+@pytest.fixture(scope="session")
 def write_patch_table():
     """A function ``(url, {split: patches}) -> patch ids`` writing (n, 64, 64) patch arrays in
     [-1, 1] as a patch table (DESIGN.md 3.2): hive-partitioned by split, one Parquet file per

@@ -21,7 +21,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import ray
-from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
@@ -42,29 +41,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(without_session_ray):
+def cluster(without_session_ray, loopback_cluster):
     """A head (2 CPUs, also runs the read and write tasks) and two 1-CPU worker nodes."""
-    with pytest.MonkeyPatch.context() as patch:
-        # Keep every node on 127.0.0.1: Ray otherwise swaps loopback for the machine's address.
-        patch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
-        patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        head_args = dict(
-            num_cpus=2,
-            object_store_memory=OBJECT_STORE,
-            include_dashboard=True,  # the state API (list_actors) answers through it
-            dashboard_host="127.0.0.1",
-            dashboard_port=_free_port(),
-        )
-        cluster = Cluster(initialize_head=True, head_node_args=head_args)
-        try:
-            workers = [
-                cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)
-            ]
-            ray.init(address=cluster.address, log_to_driver=False)
-            yield cluster, workers
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    head_args = dict(
+        num_cpus=2,
+        object_store_memory=OBJECT_STORE,
+        include_dashboard=True,  # the state API (list_actors) answers through it
+        dashboard_host="127.0.0.1",
+        dashboard_port=_free_port(),
+    )
+    workers = [dict(num_cpus=1, object_store_memory=OBJECT_STORE)] * 2
+    with loopback_cluster(head_args, workers) as started:
+        yield started
 
 
 def _alive_scoring_actors(cluster: Cluster) -> list:

@@ -13,9 +13,6 @@ down for this module and brought back afterwards (`without_session_ray` in conft
 from __future__ import annotations
 
 import pytest
-import ray
-from ray._private import ray_constants
-from ray.cluster_utils import Cluster
 
 from anogan_ray.config import load_config
 from anogan_ray.pipelines.tune import max_concurrent_trials, sweep_mappings, trial_gpus
@@ -24,27 +21,15 @@ OBJECT_STORE = 80 * 1024 * 1024  # per node
 
 
 @pytest.fixture(scope="module")
-def gpu_cluster(without_session_ray):
+def gpu_cluster(without_session_ray, loopback_cluster):
     """A head with 2 CPUs and a worker node with 2 CPUs and one (advertised) GPU."""
-    with pytest.MonkeyPatch.context() as patch:
-        # Keep every node on 127.0.0.1: Ray otherwise swaps loopback for the machine's address.
-        patch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
-        patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args=dict(num_cpus=2, object_store_memory=OBJECT_STORE),
-        )
-        try:
-            gpu_node = cluster.add_node(
-                num_cpus=2, num_gpus=1, resources={"accelerator_type:H100": 1},
-                object_store_memory=OBJECT_STORE,
-            )  # fmt: skip
-            ray.init(address=cluster.address, log_to_driver=False)
-            cluster.wait_for_nodes()
-            yield gpu_node
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    head_args = dict(num_cpus=2, object_store_memory=OBJECT_STORE)
+    gpu_node = dict(
+        num_cpus=2, num_gpus=1, resources={"accelerator_type:H100": 1},
+        object_store_memory=OBJECT_STORE,
+    )  # fmt: skip
+    with loopback_cluster(head_args, [gpu_node]) as (_, (node,)):
+        yield node
 
 
 def _config(*overrides: str):
