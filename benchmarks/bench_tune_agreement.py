@@ -163,8 +163,7 @@ def agreement_rows(trials: pd.DataFrame, history: pd.DataFrame, seed: int) -> di
             continue
         row = objectives.agreement(trials[key], trials[labelled], seed=seed)
         row["picked_trial"] = trials["trial_id"].iloc[row.pop("picked")]
-        rho = objectives.spearman(history[key], history[labelled])
-        low_high = objectives.spearman_interval(history[key], history[labelled], seed=seed)[1:]
+        rho, *low_high = objectives.spearman_interval(history[key], history[labelled], seed=seed)
         row["spearman_trial_epochs"] = round(rho, 4) if math.isfinite(rho) else None
         row["spearman_trial_epochs_ci95"] = [round(v, 4) for v in low_high]
         row["trial_epochs"] = int(history[[key, labelled]].notna().all(axis=1).sum())

@@ -244,16 +244,15 @@ def spearman_interval(
     return rho, float(low), float(high)
 
 
-def regret(objective: Sequence[float], labelled: Sequence[float]) -> tuple[float, int]:
-    """(The best labelled AUC minus the labelled AUC of the trial the objective ranks first, that
-    trial's index). Trials with a non-finite objective or labelled AUC are left out."""
+def pick(objective: Sequence[float], labelled: Sequence[float]) -> int:
+    """The index of the trial the objective ranks first among those with a finite objective and
+    labelled AUC; -1 if none."""
     objective, labelled = np.asarray(objective, float), np.asarray(labelled, float)
     both = np.isfinite(objective) & np.isfinite(labelled)
     if not both.any():
-        return math.nan, -1
+        return -1
     index = np.flatnonzero(both)
-    picked = int(index[np.argmax(objective[both])])
-    return float(labelled[both].max() - labelled[picked]), picked
+    return int(index[np.argmax(objective[both])])
 
 
 def agreement(
@@ -278,9 +277,9 @@ def agreement(
     labelled_at_pick = labelled if labelled_at_pick is None else labelled_at_pick
     rho, low, high = spearman_interval(objective, labelled, resamples=resamples, seed=seed)
     best = np.nanmax(np.asarray(labelled, float)) if np.isfinite(labelled).any() else math.nan
-    gap, picked = regret(objective, labelled_at_pick)
-    if picked >= 0:  # against the best labelled AUC at any λ, not only at the chosen ones
-        gap = float(best - np.asarray(labelled_at_pick, float)[picked])
+    picked = pick(objective, labelled_at_pick)
+    # the regret: against the best labelled AUC at any λ, not only at the chosen ones
+    gap = float(best - np.asarray(labelled_at_pick, float)[picked]) if picked >= 0 else math.nan
     finite = np.isfinite(np.asarray(objective, float)) & np.isfinite(np.asarray(labelled, float))
     return {
         "trials": int(finite.sum()),
