@@ -50,6 +50,12 @@ READER_ENV = {"RAY_DATA_PARQUET_READER_CPU_COUNT": "1"}
 # logger at WARNING in every worker, and no distributed tqdm bars from datasets made in workers.
 QUIET_WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TQDM": "0"}
 
+# Environment of a local Ray (ensure_ray; the tests' Ray too). Ray Train's controller takes one
+# report per poll of its workers (every 2 s by default) and a worker reporting sooner waits for
+# it: with a laptop's short epochs (the demo's take 1-3 s, the tests' under one) every checkpoint
+# waited up to 2 s. A local Ray polls every 0.25 s; a cluster keeps Ray's default.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
 # Set in the driver's environment when the user asked for Ray's own lines; a local Ray's workers
 # inherit it, so a trainer built in a worker (a sweep's trial) logs as the driver's would.
 VERBOSE_ENV = "ANOGAN_RAY_VERBOSE"
@@ -114,7 +120,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # Keep a few spare ones, unless the user set the limit.
     cpus = num_cpus or os.cpu_count() or 1
     os.environ.setdefault("RAY_num_workers_soft_limit", str(cpus + SPARE_WORKERS))
-    worker_env = READER_ENV | ({} if is_verbose() else QUIET_WORKER_ENV)
+    worker_env = READER_ENV | LOCAL_TRAIN_ENV | ({} if is_verbose() else QUIET_WORKER_ENV)
     for name, value in worker_env.items():  # the raylet and its workers inherit them
         os.environ.setdefault(name, value)
     context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, logging_level=level)

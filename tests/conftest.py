@@ -70,7 +70,10 @@ def ray_local(s3_server):
 def _start_local_ray() -> None:
     import ray
 
+    from anogan_ray.ray_env import LOCAL_TRAIN_ENV
+
     if not ray.is_initialized():
+        os.environ.update(LOCAL_TRAIN_ENV)  # as ensure_ray's local Ray; its workers inherit it
         ray.init(address="local", num_cpus=2, log_to_driver=False)
 
 

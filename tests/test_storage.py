@@ -53,3 +53,21 @@ def test_credentials_come_from_the_environment_and_are_not_printed(bucket, s3_se
     fs, _ = storage.filesystem(bucket)
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in repr(fs) and secret not in str(storage.arrow_filesystem(bucket)[0])
+
+
+def test_one_s3_client_per_environment_that_sees_what_others_just_wrote(
+    bucket, s3_server, monkeypatch
+):
+    import boto3
+
+    url = f"{bucket}/stage"
+    assert storage.list_files(url) == []  # a listing before another process writes
+    # another process (boto3's own client here) writes an object
+    name = bucket.removeprefix("s3://")
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=name, Key="stage/x", Body=b"1")
+    assert storage.list_files(url) == [f"{url}/x"] and storage.exists(f"{url}/x")
+    # the filesystem is reused while the AWS environment stays, and made anew when it changes
+    before = storage.filesystem(url)[0]
+    assert storage.filesystem(bucket)[0] is before
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "other-key")
+    assert storage.filesystem(url)[0] is not before

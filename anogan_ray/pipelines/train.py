@@ -17,8 +17,9 @@ exports the model bundle. Layout of the stage folder ``out``:
 Re-running with the same ``train.run_name`` resumes from the last checkpoint; a worker that
 dies is restarted from it (``train.max_failures``). Checkpoints are taken every
 ``train.checkpoint_every`` steps, at the last step, and at an epoch's end when the last one is
-at least 2 s old (every epoch's end in a Tune trial; Ray Train takes one report per controller
-poll and short epochs would wait for it).
+at least one poll of Ray Train's controller old (2 s on a cluster, 0.25 s on a local Ray; every
+epoch's end in a Tune trial): the controller takes one report per poll and short epochs would
+wait for it.
 
 After the first epoch, the last, and any other that ends at least ``PROGRESS_EVERY_S`` after the
 last such line, rank 0 logs one line (:func:`anogan_ray.pipelines.progress.epoch_line`): the
@@ -81,9 +82,8 @@ _STATE_FILE = "state.pt"  # tensors and plain containers only (loaded with weigh
 _META_FILE = "meta.json"  # model config, data fingerprint, step: checked before resuming
 _SHUFFLE_BUFFER = 1024  # rows in each worker's local shuffle buffer (on top of the global shuffle)
 _QUALITY_SAMPLES = 512  # real and generated patches of the generative-quality figure
-# Ray Train's controller takes one report per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) and a
-# worker reporting sooner waits for it: epochs shorter than this report only every few epochs
-_REPORT_INTERVAL_S = 2.0
+# Ray Train's controller polls its workers at this interval (ray_env.LOCAL_TRAIN_ENV on a local Ray)
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 _PCA_SAMPLES = 20_000  # training patches the PCA baseline is fitted on (at most)
 
 
@@ -470,6 +470,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     last_report = time.monotonic()
+    report_interval_s = float(os.environ.get(HEALTH_CHECK_INTERVAL_ENV, 2.0))  # Ray's default 2 s
     last_line: float | None = None  # when rank 0 last logged an epoch line
 
     def report(
@@ -482,10 +483,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     ) -> None:
         """Log the epoch's line (``evaluate``) and report to Ray Train (a collective: every rank
         calls it at the same steps). An ``optional`` report (an epoch's end, outside Tune and
-        between checkpoint steps) is made only when rank 0 last reported ``_REPORT_INTERVAL_S``
-        ago; otherwise its metrics carry over to the next report."""
+        between checkpoint steps) is made only when rank 0 last reported a poll of Ray Train's
+        controller ago (it takes one report per poll, and a report made sooner waits for it);
+        otherwise its metrics carry over to the next report."""
         nonlocal last_report, last_line
-        due = not optional or (rank == 0 and time.monotonic() - last_report >= _REPORT_INTERVAL_S)
+        due = not optional or (rank == 0 and time.monotonic() - last_report >= report_interval_s)
         totals = torch.cat([sums.flatten(), sums.new_tensor([float(due)])])
         if world_size > 1:
             torch.distributed.all_reduce(totals)  # rank 0's decision reaches every rank
