@@ -190,7 +190,7 @@ class InterruptAt(ray.tune.Callback):
         self.fired, self.finished = state["fired"], state["finished"]
 
 
-def test_an_interrupted_sweep_resumes_wherever_it_was_interrupted(phantom_patches, bucket):
+def test_an_interrupted_sweep_resumes_where_it_was_interrupted(phantom_patches, bucket):
     # one trial at a time
     cfg = _config("tune.scheduler=fifo", "tune.max_concurrent=1", "train.epochs=2")
     out = f"{bucket}/sweep"
@@ -204,14 +204,11 @@ def test_an_interrupted_sweep_resumes_wherever_it_was_interrupted(phantom_patche
             url: json.loads(data.splitlines()[-1])["epoch"] for url, data in results.items() if data
         }
 
-    # Ctrl+C while the first trial is part-way (no trial finished), then, resumed, once the
-    # first trial finished and the second one is part-way
-    interrupt = InterruptAt((0, 1), (1, 1))
-    with pytest.raises(SweepInterrupted, match="0 of 2 trials finished; run the same command"):
-        tune(phantom_patches, out, cfg, callbacks=[interrupt])
-    assert list(last_epochs().values()) == [1]
+    # Ctrl+C once the first trial finished and the second one is part-way: the resume must skip
+    # the one and continue the other
+    interrupt = InterruptAt((1, 1))
     with pytest.raises(SweepInterrupted, match="1 of 2 trials finished; run the same command"):
-        tune(phantom_patches, out, cfg)  # the resume runs the experiment's own callback
+        tune(phantom_patches, out, cfg, callbacks=[interrupt])
     epochs = last_epochs()
     assert sorted(epochs.values()) == [1, 2]
     finished = next(url for url, epoch in epochs.items() if epoch == 2)
@@ -224,7 +221,7 @@ def test_an_interrupted_sweep_resumes_wherever_it_was_interrupted(phantom_patche
     assert (trials["status"] == "terminated").all() and trials["objective"].notna().all()
     # the finished trial was not run again: its results are byte for byte what they were
     assert storage.read_bytes(finished) == finished_results
-    # each part-way trial's Train run went on from its epoch-1 checkpoint, not from the start
+    # the part-way trial's Train run went on from its epoch-1 checkpoint, not from the start
     history = pd.read_parquet(storage.open_file(summary["history_table"]))
     assert history.groupby("trial_id")["epoch"].apply(list).tolist() == [[1, 2], [1, 2]]
     assert load_bundle(summary["best_model"]).model_id == summary["model_id"]
