@@ -54,7 +54,8 @@ QUIET_WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TQDM": "0"}
 # report per poll of its workers (every 2 s by default) and a worker reporting sooner waits for
 # it: with a laptop's short epochs (the demo's take 1-3 s, the tests' under one) every checkpoint
 # waited up to 2 s. A local Ray polls every 0.25 s; a cluster keeps Ray's default.
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # seconds; read by controller and workers
+LOCAL_TRAIN_ENV = {TRAIN_POLL_ENV: "0.25"}
 
 # Set in the driver's environment when the user asked for Ray's own lines; a local Ray's workers
 # inherit it, so a trainer built in a worker (a sweep's trial) logs as the driver's would.

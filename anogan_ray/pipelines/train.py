@@ -70,7 +70,7 @@ from anogan_ray.core.recipes import (
     unwrap,
 )
 from anogan_ray.pipelines.progress import PROGRESS_EVERY_S, epoch_line
-from anogan_ray.ray_env import ensure_ray, hold_train_reports, train_log_level
+from anogan_ray.ray_env import TRAIN_POLL_ENV, ensure_ray, hold_train_reports, train_log_level
 from anogan_ray.tables import count_patches, decode_pixels, patch_table_url, read_patch_table
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,6 @@ _STATE_FILE = "state.pt"  # tensors and plain containers only (loaded with weigh
 _META_FILE = "meta.json"  # model config, data fingerprint, step: checked before resuming
 _SHUFFLE_BUFFER = 1024  # rows in each worker's local shuffle buffer (on top of the global shuffle)
 _QUALITY_SAMPLES = 512  # real and generated patches of the generative-quality figure
-# Ray Train's controller polls its workers at this interval (ray_env.LOCAL_TRAIN_ENV on a local Ray)
-HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 _PCA_SAMPLES = 20_000  # training patches the PCA baseline is fitted on (at most)
 
 
@@ -470,7 +468,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     last_report = time.monotonic()
-    report_interval_s = float(os.environ.get(HEALTH_CHECK_INTERVAL_ENV, 2.0))  # Ray's default 2 s
+    report_interval_s = float(os.environ.get(TRAIN_POLL_ENV, 2.0))  # Ray's default 2 s
     last_line: float | None = None  # when rank 0 last logged an epoch line
 
     def report(
