@@ -193,9 +193,12 @@ class TuneConfig:
     # this much of the best objective is recommended
     reduction_factor: float = _at_least(2, 3)  # ASHA keeps the best 1/reduction_factor per rung
     objective: str = _choices(
-        "auto", "labels", "synthetic", "cutpaste", "residual", "quality", "lesions", default="auto"
-    )  # what ranks trials (anogan_ray/core/objectives.py): auto is labels when `val` holds
-    # healthy and anomalous patches, else the label-free objective docs/tune.md measured best
+        "auto", "labels", "synthetic", "cutpaste", "residual", "quality", "lesions", "cohort",
+        "blend", default="auto",
+    )  # fmt: skip
+    # what ranks trials (anogan_ray/core/objectives.py): auto is labels when `val` holds
+    # healthy and anomalous patches, else blend (cohort and synthetic) when it holds healthy
+    # volumes (manifest label 0) and others, else synthetic (docs/tune.md: the measurements)
     val_patches: int = _at_least(2, 256)  # val patches inverted per evaluation (fixed subset)
     synthetic_patches: int = _at_least(0, 128)  # healthy val patches copied with an ellipse lesion
     cutpaste_patches: int = _at_least(0, 128)  # healthy val patches copied with a lesion drawn

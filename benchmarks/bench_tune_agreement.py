@@ -16,6 +16,11 @@ trial-epoch of the sweep (small evaluation set), and the regret: the best labell
 sweep minus the labelled AUC of the trial the candidate ranks first. Per data set also the trials
 of all seeds pooled (their regret: the mean of the sweeps').
 
+With ``--halves`` it also deals val's volumes into two halves (healthy and other volumes each
+alternately) and measures every candidate computed on one half against the labelled AUC on the
+other, both ways: agreement with labels on patches the candidate never saw, beside the labelled
+AUC of one half predicting the other's (how far the labels agree with themselves).
+
 Data sets (``--sets``):
 
 * ``phantom``: the demo cohort with ``--pathological`` pathological subjects, ``--pathological-in-val``
@@ -116,13 +121,48 @@ def prepare_photos(name: str, root: Path, cfg: Config, seed: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_final_models(patches: str, out: str, cfg: Config) -> pd.DataFrame:
+def complete_objectives(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (final models' metrics) with every objective the stored per-λ metrics allow,
+    for objectives newer than the evaluation: the sweep's own :func:`objectives.best_objectives`
+    on them (nothing is inverted again)."""
+    prefix = "val_auc_lambda_"
+    lambdas = [float(c[len(prefix) :]) for c in frame if c.startswith(prefix)]
+    frame = frame.copy()
+    for index, row in frame.iterrows():
+        per_lambda = [
+            {"lambda": lam, "sliced_wasserstein": row.get("sliced_wasserstein", math.nan)}
+            | {
+                m: row.get(sweep.lambda_key(m, lam), math.nan)
+                for m in objectives.PER_LAMBDA_METRICS
+            }
+            for lam in lambdas
+        ]
+        for name, (value, lambda_) in objectives.best_objectives(per_lambda).items():
+            if not np.isfinite(row.get(sweep.objective_key(name), math.nan)):
+                frame.loc[index, sweep.objective_key(name)] = value
+                frame.loc[index, sweep.objective_lambda_key(name)] = lambda_
+    return frame
+
+
+def volume_halves(volumes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per val patch, whether its volume falls in half A: the healthy volumes (every patch
+    labelled 0) and the others are each dealt alternately, in id order, into halves A and B."""
+    healthy = set(volumes[labels == 0].tolist()) - set(volumes[labels != 0].tolist())
+    others = set(volumes.tolist()) - healthy
+    in_a = {v: i % 2 == 0 for group in (healthy, others) for i, v in enumerate(sorted(group))}
+    return np.array([in_a[v] for v in volumes.tolist()])
+
+
+def evaluate_final_models(
+    patches: str, out: str, cfg: Config, evaluation: sweep.EvaluationSet | None = None
+) -> pd.DataFrame:
     """Every trial's metrics on its final model (its last checkpoint) with the sweep's own
-    ``EpochEvaluation`` on ``cfg``'s evaluation set: one row per trial."""
+    ``EpochEvaluation`` on ``evaluation`` (default: ``cfg``'s evaluation set of the whole val
+    split): one row per trial."""
     from anogan_ray.pipelines.train import batchnorm_pixels, read_training_patches
 
     trials = pd.read_parquet(storage.join(out, "trials.parquet"))
-    evaluation = sweep.load_evaluation_set(patches, cfg)
+    evaluation = evaluation or sweep.load_evaluation_set(patches, cfg)
     real_pixels = batchnorm_pixels(read_training_patches(patches, seed=cfg.train.seed), cfg)
     counts = {
         "eval_patches": evaluation.count,
@@ -153,6 +193,44 @@ def evaluate_final_models(patches: str, out: str, cfg: Config) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
+def evaluate_halves(patches: str, out: str, cfg: Config) -> pd.DataFrame:
+    """:func:`evaluate_final_models` on each half of val's volumes (:func:`volume_halves`): one
+    row per trial and half (``half``: "A" or "B")."""
+    ids, volumes, labels, pixels = sweep.read_val_split(patches)
+    in_a = volume_halves(volumes, labels)
+    frames = []
+    for half, rows in (("A", in_a), ("B", ~in_a)):
+        evaluation = sweep.make_evaluation_set(
+            ids[rows], labels[rows], pixels[rows], cfg, source=f"{patches} (half {half})",
+            volumes=volumes[rows],
+        )  # fmt: skip
+        frames.append(evaluate_final_models(patches, out, cfg, evaluation).assign(half=half))
+    return pd.concat(frames, ignore_index=True)
+
+
+def cross_half_rows(halves: pd.DataFrame, seed: int) -> dict:
+    """Per label-free candidate, its agreement when it is computed on one half of val's volumes
+    and the labelled AUC on the other (independent patches and volumes): both directions. The
+    labelled AUC itself is the first row, the ceiling: how well one half's labels predict the
+    other's."""
+    labelled = sweep.objective_key("labels")
+    by_half = {h: frame.set_index("trial_id") for h, frame in halves.groupby("half")}
+    result = {}
+    for name in ("labels", *objectives.LABEL_FREE):
+        key = sweep.objective_key(name)
+        rows = {}
+        for mine, other in (("A", "B"), ("B", "A")):
+            if key not in by_half[mine] or by_half[mine][key].notna().sum() < 3:
+                continue
+            truth = by_half[other][labelled].reindex(by_half[mine].index)
+            row = objectives.agreement(by_half[mine][key], truth, seed=seed)
+            row["picked_trial"] = by_half[mine].index[row.pop("picked")]
+            rows[f"{mine}->{other}"] = row
+        if rows:
+            result[name] = rows
+    return result
+
+
 def agreement_rows(trials: pd.DataFrame, history: pd.DataFrame, seed: int) -> dict:
     """Per label-free candidate: agreement over the trials' last epochs and all trial-epochs."""
     labelled = sweep.objective_key("labels")
@@ -163,6 +241,10 @@ def agreement_rows(trials: pd.DataFrame, history: pd.DataFrame, seed: int) -> di
             continue
         row = objectives.agreement(trials[key], trials[labelled], seed=seed)
         row["picked_trial"] = trials["trial_id"].iloc[row.pop("picked")]
+        if key not in history:  # a candidate newer than the sweep: its final models only
+            row.update(spearman_trial_epochs=None, spearman_trial_epochs_ci95=[None, None])
+            result[name] = row
+            continue
         rho, *low_high = objectives.spearman_interval(history[key], history[labelled], seed=seed)
         row["spearman_trial_epochs"] = round(rho, 4) if math.isfinite(rho) else None
         row["spearman_trial_epochs_ci95"] = [round(v, 4) for v in low_high]
@@ -188,6 +270,52 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['set']} | {r['seeds']} | {r['candidate']} | {r['trials']} | {rho}{ci} | "
             f"{epochs} | {regret} | {r['best_val_auc']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def evaluated(
+    evaluate,
+    file: str,
+    lesion_patches: int,
+    *,
+    patches: str,
+    out: str,
+    overrides: list[str],
+    args: argparse.Namespace,
+    timings: dict[str, float],
+) -> pd.DataFrame:
+    """``evaluate``'s table of a sweep's final models (all of val, ``lesion_patches`` copies of
+    each kind), kept in ``out/file`` and reused unless ``--reevaluate``; its time in ``timings``."""
+    path = Path(out) / file
+    if args.reevaluate or not path.exists():
+        started = time.monotonic()
+        sizes = [
+            f"tune.val_patches={args.val_patches}",
+            f"tune.synthetic_patches={lesion_patches}",
+            f"tune.cutpaste_patches={lesion_patches}",
+        ]
+        evaluate(patches, out, load_config(args.preset, [*overrides, *sizes])).to_parquet(path)
+        timings[f"{Path(out).parent.name}_{Path(out).name}_{path.stem}_s"] = round(
+            time.monotonic() - started, 1
+        )
+    return complete_objectives(pd.read_parquet(path))
+
+
+def format_cross_half(rows: list[dict]) -> str:
+    """A markdown table of cross-half agreement rows."""
+    lines = [
+        "| set | seeds | candidate | halves | trials | Spearman [95 % CI] | regret |",
+        "|" + "---|" * 7,
+    ]
+    for r in rows:
+        low, high = r["spearman_ci95"]
+        ci = "" if low is None else f" [{low:.2f}, {high:.2f}]"
+        rho = "n/a" if r["spearman"] is None else f"{r['spearman']:.2f}"
+        regret = "n/a" if r["regret"] is None else f"{r['regret']:.3f}"
+        lines.append(
+            f"| {r['set']} | {r['seeds']} | {r['candidate']} | {r['direction']} | {r['trials']} "
+            f"| {rho}{ci} | {regret} |"
         )
     return "\n".join(lines)
 
@@ -221,6 +349,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--work", required=True, help="data sets and sweeps (kept; reused)")
     parser.add_argument("--reevaluate", action="store_true", help="evaluate final models again")
+    parser.add_argument(
+        "--halves", action="store_true",
+        help="also: each candidate on one half of val's volumes against the labels on the other",
+    )  # fmt: skip
+    parser.add_argument(
+        "--half-lesion-patches", type=int, default=64, help="copies of each kind, per half"
+    )
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -229,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     ensure_ray()
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.work)
-    per_sweep, pooled, timings = [], [], {}
+    per_sweep, pooled, cross_half, timings = [], [], [], {}
     for name in args.sets.split(","):
         base = [
             f"train.epochs={args.epochs}",
@@ -260,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 raise SystemExit(f"--sets: unknown set {name!r} (phantom, {', '.join(PHOTOS)})")
         timings[f"{name}_prepare_s"] = round(time.monotonic() - started, 1)
-        all_trials, all_history = [], []
+        all_trials, all_history, all_halves = [], [], []
         for seed in seeds:
             seeded = [*base, f"tune.seed={seed}", f"train.seed={seed}", f"tune.run_name=seed{seed}"]
             cfg = load_config(args.preset, seeded)
@@ -271,20 +406,24 @@ def main(argv: list[str] | None = None) -> dict:
             summary = json.loads((Path(out) / "summary.json").read_text())
             timings[f"{name}_seed{seed}_sweep_s"] = summary["wall_seconds"]
             history = pd.read_parquet(summary["history_table"])
-            final = Path(out) / "final_models.parquet"
-            if args.reevaluate or not final.exists():
-                started = time.monotonic()
-                sizes = [
-                    f"tune.val_patches={args.val_patches}",
-                    f"tune.synthetic_patches={args.lesion_patches}",
-                    f"tune.cutpaste_patches={args.lesion_patches}",
-                ]
-                large = load_config(args.preset, [*seeded, *sizes])
-                evaluate_final_models(str(patches), out, large).to_parquet(final)
-                timings[f"{name}_seed{seed}_final_eval_s"] = round(time.monotonic() - started, 1)
-            trials = pd.read_parquet(final)
-            trials, history = trials.assign(seed=seed), history.assign(seed=seed)
+
+            kept = dict(patches=str(patches), out=out, overrides=seeded, args=args, timings=timings)
+            trials = evaluated(
+                evaluate_final_models, "final_models.parquet", args.lesion_patches, **kept
+            ).assign(seed=seed)
+            history = history.assign(seed=seed)
             all_trials.append(trials)
+            if args.halves:
+                halves = evaluated(
+                    evaluate_halves, "final_models_halves.parquet", args.half_lesion_patches, **kept
+                ).assign(seed=seed)
+                all_halves.append(halves)
+                for candidate, directions in cross_half_rows(halves, seed).items():
+                    for direction, row in directions.items():
+                        cross_half.append({
+                            "set": name, "seeds": str(seed), "candidate": candidate,
+                            "direction": direction, **row,
+                        })  # fmt: skip
             all_history.append(history)
             labelled = trials[sweep.objective_key("labels")]
             anomalous, patches_evaluated = trials["eval_anomalous"][0], trials["eval_patches"][0]
@@ -300,6 +439,15 @@ def main(argv: list[str] | None = None) -> dict:
                     "eval_anomalous": int(anomalous),
                     **row,
                 })  # fmt: skip
+        if all_halves:
+            halves = pd.concat(all_halves)
+            halves = halves.assign(trial_id=halves["seed"].astype(str) + "/" + halves["trial_id"])
+            for candidate, directions in cross_half_rows(halves, 0).items():
+                for direction, row in directions.items():
+                    cross_half.append({
+                        "set": name, "seeds": ",".join(map(str, seeds)), "candidate": candidate,
+                        "direction": direction, **row,
+                    })  # fmt: skip
         trials, history = pd.concat(all_trials), pd.concat(all_history)
         trials = trials.assign(trial_id=trials["seed"].astype(str) + "/" + trials["trial_id"])
         history = history.assign(trial_id=history["seed"].astype(str) + "/" + history["trial_id"])
@@ -322,11 +470,15 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print("\nper sweep:\n" + format_table(per_sweep))
     print("\npooled over seeds (regret: mean of the sweeps'):\n" + format_table(pooled))
+    if cross_half:
+        print("\ncandidate on one half of val's volumes, labels on the other:")
+        print(format_cross_half(cross_half))
     result = {
         "benchmark": "tune_agreement",
         "argv": sys.argv[1:] if argv is None else argv,
         "per_sweep": per_sweep,
         "pooled": pooled,
+        "cross_half": cross_half,
         "timings": timings,
         "reevaluated": args.reevaluate,
         "cpus": os.cpu_count(),

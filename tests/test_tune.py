@@ -113,7 +113,7 @@ def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
     # where val is labelled, the summary says how each label-free objective ranked the trials
     agreement = summary["agreement"]
     assert agreement["best_val_auc"] == pytest.approx(trials["objective_labels"].max())
-    for name in ("synthetic", "cutpaste", "residual", "quality"):
+    for name in ("synthetic", "cutpaste", "residual", "quality", "cohort"):
         result = agreement["objectives"][name]
         assert result["trials"] == len(trials) and result["trial_epochs"] == len(history)
         assert 0 <= result["regret"] <= 1 and result["picked_trial"] in set(trials["trial_id"])
@@ -147,7 +147,7 @@ def test_sweep_results_are_complete_and_the_best_trial_is_the_argmax_and_scores(
     assert list(board["trial_id"]) == list(
         trials.sort_values("objective", ascending=False)["trial_id"]
     )
-    assert {"val_auc", "synthetic_auc", "cutpaste_auc", "sliced_wasserstein"} <= set(board)
+    assert {"val_auc", "synthetic_auc", "cohort_auc", "sliced_wasserstein"} <= set(board)
     assert sweep["agreement"] == summary["agreement"]
     printed = leaderboard(str(tmp_path))  # what `anogan-ray tune` prints
     assert all(name in printed for name in ("val_auc", "cutpaste_auc", "Spearman", "regret"))
@@ -325,7 +325,8 @@ def test_without_labels_a_label_free_objective_ranks_and_every_candidate_is_repo
     val = encode_pixels(synthetic_patches(24, seed=2))
     ids = np.array([f"val/b0000/y0000x{i:04d}" for i in range(24)])
     data = make_evaluation_set(ids, np.full(24, -1), val, cfg)  # no labels at all
-    expected = objectives.DEFAULT_LABEL_FREE if objective == "auto" else objective
+    # no volume known to be healthy: auto takes the objective that needs none
+    expected = objectives.FALLBACK_LABEL_FREE if objective == "auto" else objective
     assert data.objective == expected and len(data.copies("cutpaste")) == 12
     bundle = load_bundle(tiny_bundle)
     kwargs = dict(steps=30, z_lr=0.05, latent_prior="normal")
@@ -342,14 +343,63 @@ def test_without_labels_a_label_free_objective_ranks_and_every_candidate_is_repo
     ]
     assert metrics["objective"] == max(per_lambda) == metrics[objective_key(expected)]
     assert metrics[objective_key("quality")] == -0.25
+    # no volume is known to be healthy: no cohort AUC, nor blend, which needs it
     for candidate in objectives.LABEL_FREE:
-        assert math.isfinite(metrics[objective_key(candidate)]), candidate
+        if "cohort_auc" not in objectives.OBJECTIVES[candidate].metrics:
+            assert math.isfinite(metrics[objective_key(candidate)]), candidate
+    assert objective_key("cohort") not in metrics and objective_key("blend") not in metrics
     # a GAN trained on healthy patches flags pasted lesions, ours and the data's
     assert metrics["synthetic_auc"] > 0.5 and metrics["cutpaste_auc"] > 0.5
     again = evaluate_objective(
         bundle.generator, bundle.discriminator, data, LAMBDAS, fixed_metrics=fixed, **kwargs
     )
     assert again == metrics  # a fixed evaluation set and seeded z: the same objective
+
+
+def test_the_cohort_objective_separates_healthy_volumes_from_a_cohort_without_its_labels(
+    tiny_bundle, synthetic_patches
+):
+    """Patches of a healthy volume (labelled 0) against an eye whose patches, half of them
+    lesioned, are unlabelled: the AUC is above chance and the same whether or not that eye's
+    patch labels are known (it never reads them)."""
+    cfg = _config(
+        "tune.val_patches=32", "tune.synthetic_patches=2", "tune.cutpaste_patches=2",
+        "tune.objective=cohort",
+    )  # fmt: skip
+    patches = synthetic_patches(32, seed=6)
+    lesioned = np.arange(16, 32, 2)
+    patches[lesioned] = [add_synthetic_lesion(patches[i], seed=int(i)) for i in lesioned]
+    volumes = np.repeat(["healthy-eye", "cohort-eye"], 16)
+    ids = np.array([f"{v}/b0000/y0000x{i:04d}" for i, v in enumerate(volumes)])
+    labels = np.r_[np.zeros(16), np.full(16, -1)].astype(np.int8)
+    truth = labels.copy()
+    truth[16:] = 0
+    truth[lesioned] = 1
+    bundle = load_bundle(tiny_bundle)
+    kwargs = dict(steps=30, z_lr=0.05, latent_prior="normal")
+    results = []
+    for known in (labels, truth):
+        data = make_evaluation_set(ids, known, encode_pixels(patches), cfg, volumes=volumes)
+        assert data.objective == "cohort" and data.reference[:32].sum() == 16
+        results.append(evaluate_objective(
+            bundle.generator, bundle.discriminator, data, LAMBDAS, **kwargs
+        ))  # fmt: skip
+    unlabelled, labelled = results
+    assert unlabelled["objective"] == labelled["objective"] == labelled[objective_key("cohort")]
+    assert unlabelled["objective"] > 0.6  # the lesioned half of the cohort scores higher
+    # blend: at its own best λ, the mean of the cohort AUC and the pasted-ellipse AUC
+    blends = [
+        (unlabelled[lambda_key("cohort_auc", lam)] + unlabelled[lambda_key("synthetic_auc", lam)])
+        / 2
+        for lam in LAMBDAS
+    ]
+    assert unlabelled[objective_key("blend")] == pytest.approx(max(blends))
+    auto = _config("tune.val_patches=32", "tune.objective=auto")
+    data = make_evaluation_set(ids, labels, encode_pixels(patches), auto, volumes=volumes)
+    assert data.objective == objectives.DEFAULT_LABEL_FREE  # what auto takes without labels
+    only_healthy = np.zeros(32, np.int8)
+    with pytest.raises(TuneError, match=r"my/patches: the cohort objective needs .* 32 and 0"):
+        make_evaluation_set(ids, only_healthy, encode_pixels(patches), cfg, "my/patches", volumes)
 
 
 def test_agreement_rewards_an_objective_that_ranks_as_the_labels_do():

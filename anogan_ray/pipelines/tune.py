@@ -16,7 +16,9 @@ its evaluation then maps in bf16 with CUDA graphs, as ``score`` does
 The objective, higher is better (:mod:`anogan_ray.core.objectives`): ``labels``, the AUC of A(x)
 over the labelled ``val`` patches, when ``val`` holds healthy and anomalous patches; otherwise a
 label-free one (``tune.objective``: ``synthetic`` ellipse lesions, ``cutpaste`` lesions drawn
-from the data, the healthy ``residual``, the generative ``quality``, or ``lesions``). Every trial
+from the data, the healthy ``residual``, the generative ``quality``, ``lesions``, ``cohort``: the
+patches of healthy val volumes against the other val patches, unlabelled, or ``blend``, the mean
+of ``cohort`` and ``synthetic``, the default where val has both kinds of volume). Every trial
 reports every candidate its evaluation set allows, whichever ranks the sweep; where ``val`` is
 labelled the summary says how well each label-free candidate agreed with the labels on this
 sweep (Spearman with a bootstrap interval, regret). docs/tune.md has the measurements.
@@ -101,7 +103,7 @@ METRIC = "objective"  # what ASHA and the best-trial choice look at; always "hig
 # candidate objective at its own best λ), in the trials and history tables
 _TRIAL_METRICS = (
     "objective", "best_lambda", "val_auc", "synthetic_auc", "cutpaste_auc", "healthy_residual",
-    "sliced_wasserstein", "d_loss", "g_loss",
+    "cohort_auc", "sliced_wasserstein", "d_loss", "g_loss",
 )  # fmt: skip
 _LESION_SUFFIX = {"synthetic": "#synthetic-lesion", "cutpaste": "#cutpaste-lesion"}  # copy ids
 
@@ -242,6 +244,7 @@ class EvaluationSet:
     kind: np.ndarray  # (M,) str: "val", or the copy's lesions: "synthetic" or "cutpaste"
     source: np.ndarray  # (M,) int: a copy's original (a row of the val subset); -1 for val rows
     healthy: np.ndarray  # (M,) bool: a val patch of a volume without anomalous patches
+    reference: np.ndarray  # (M,) bool: a val patch of a volume whose every patch is labelled 0
     objective: str  # the resolved tune.objective: "labels" or a label-free one
     val_patches: int  # patches in the val split
     val_anomalous: int  # of them labelled anomalous
@@ -268,6 +271,18 @@ def load_evaluation_set(patches: str, cfg: Config) -> EvaluationSet:
         TableError: no val split.
         TuneError: no val patches, or an objective that the val split cannot support.
     """
+    ids, volumes, labels, pixels = read_val_split(patches)
+    return make_evaluation_set(ids, labels, pixels, cfg, source=patches, volumes=volumes)
+
+
+def read_val_split(patches: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``val`` patches of a patch table, ordered by patch id: their ids, volume ids, labels
+    (int8) and uint8 pixels (N, 64, 64).
+
+    Raises:
+        TableError: no val split.
+        TuneError: no val patches.
+    """
     table = read_patch_table(patches, ["val"])
     columns: dict[str, list] = {"patch_id": [], "volume_id": [], "label": [], "pixels": []}
     for batch in table.select_columns(list(columns)).iter_batches(batch_format="numpy"):
@@ -283,22 +298,38 @@ def load_evaluation_set(patches: str, cfg: Config) -> EvaluationSet:
     volumes = np.concatenate(columns["volume_id"]).astype(str)[order]
     labels = np.concatenate(columns["label"])[order].astype(np.int8)
     pixels = np.stack(list(np.concatenate(columns["pixels"])[order])).astype(np.uint8)
-    return make_evaluation_set(ids[order], labels, pixels, cfg, source=patches, volumes=volumes)
+    return ids[order], volumes, labels, pixels
 
 
-def resolve_objective(name: str, labelled: bool, source: str = "patch table") -> str:
+def resolve_objective(
+    name: str, labelled: bool, reference: np.ndarray, source: str = "patch table"
+) -> str:
     """``tune.objective`` made concrete: auto is ``labels`` when ``labelled`` (val holds healthy
-    and anomalous patches), else :data:`~anogan_ray.core.objectives.DEFAULT_LABEL_FREE`.
+    and anomalous patches), else :data:`~anogan_ray.core.objectives.DEFAULT_LABEL_FREE` when the
+    evaluation subset has patches of healthy volumes and of others (``reference``: per patch,
+    whether its volume is healthy), else :data:`~anogan_ray.core.objectives.FALLBACK_LABEL_FREE`.
 
     Raises:
-        TuneError: ``labels`` without such patches.
+        TuneError: ``labels`` or ``cohort`` without the patches it needs.
     """
+    cohort = bool(reference.any() and not reference.all())
     if name == "auto":
-        return "labels" if labelled else objectives.DEFAULT_LABEL_FREE
+        if labelled:
+            return "labels"
+        default = objectives.DEFAULT_LABEL_FREE
+        needs_cohort = "cohort_auc" in OBJECTIVES[default].metrics
+        return default if cohort or not needs_cohort else objectives.FALLBACK_LABEL_FREE
     if name == "labels" and not labelled:
         raise TuneError(
             f"{source}: tune.objective=labels needs healthy (label 0) and anomalous (label 1) "
             "val patches; its val split has none of one of them"
+        )
+    if "cohort_auc" in OBJECTIVES[name].metrics and not cohort:
+        raise TuneError(
+            f"{source}: the {name} objective needs val patches of healthy volumes (every patch "
+            "labelled 0, e.g. manifest label 0) and of other volumes (diseased or unlabelled) "
+            f"among the tune.val_patches drawn; have {int(reference.sum())} and "
+            f"{int((~reference).sum())}"
         )
     return name
 
@@ -317,15 +348,15 @@ def make_evaluation_set(
     lesioned copies of its healthy patches: ``tune.synthetic_patches`` with an ellipse and
     ``tune.cutpaste_patches`` with a lesion drawn from the data (the donor: another healthy patch
     of the subset, of another volume where there is one). Healthy patches are those of volumes
-    with no anomalous val patch (``volumes``: each patch's volume id; without them, every patch
-    not labelled anomalous), so the label-free objectives see what a cohort without labels would
-    have: healthy volumes. ``source`` names the input in errors.
+    with no anomalous val patch (``volumes``: each patch's volume id; without them, each patch is
+    its own volume), so the label-free objectives see what a cohort without labels would have:
+    healthy volumes. The ``cohort`` objective's reference is the patches of volumes whose every
+    patch is labelled 0; the rest of the subset is its unlabelled cohort. ``source`` names the
+    input in errors.
     """
     tune_cfg = cfg.tune
     labels = np.asarray(val_labels, dtype=np.int8)
     volumes = np.asarray(volumes if volumes is not None else val_ids, dtype=str)
-    has_both = bool((labels == 1).any() and (labels == 0).any())
-    objective = resolve_objective(tune_cfg.objective, has_both, source)
     rng = np.random.default_rng(tune_cfg.seed)
     chosen = np.sort(rng.permutation(len(labels))[: tune_cfg.val_patches])
     eval_pixels = decode_pixels(np.asarray(val_pixels)[chosen])  # (n, 64, 64)
@@ -335,6 +366,10 @@ def make_evaluation_set(
     healthy = np.array([v not in lesion_volumes for v in eval_volumes]) & (eval_labels != 1)
     if not healthy.any():  # every val volume has a lesion: its patches labelled healthy
         healthy = eval_labels == 0
+    healthy_volumes = set(volumes[labels == 0].tolist()) - set(volumes[labels != 0].tolist())
+    reference = np.array([v in healthy_volumes for v in eval_volumes], bool)
+    has_both = bool((labels == 1).any() and (labels == 0).any())
+    objective = resolve_objective(tune_cfg.objective, has_both, reference, source)
     healthy_rows = np.flatnonzero(healthy)
     wanted = {"synthetic": tune_cfg.synthetic_patches, "cutpaste": tune_cfg.cutpaste_patches}
     needed = [k for k in _LESION_SUFFIX if f"{k}_auc" in OBJECTIVES[objective].metrics]
@@ -370,6 +405,7 @@ def make_evaluation_set(
         kind=np.array(kinds),
         source=np.array(sources, dtype=np.int64),
         healthy=np.concatenate([healthy, np.zeros(count - len(eval_ids), bool)]),
+        reference=np.concatenate([reference, np.zeros(count - len(eval_ids), bool)]),
         objective=objective,
         val_patches=len(labels),
         val_anomalous=int((labels == 1).sum()),
@@ -426,8 +462,9 @@ def evaluate_objective(
     Returns:
         Per λ ``val_auc_lambda_…`` (labelled val AUC, when there are labels),
         ``synthetic_auc_lambda_…`` and ``cutpaste_auc_lambda_…`` (healthy patches vs their
-        lesioned copies) and ``healthy_residual_lambda_…`` (mean R(x) of the healthy val
-        patches); for every objective the evaluation set allows, its value at its own best λ
+        lesioned copies), ``healthy_residual_lambda_…`` (mean R(x) of the healthy val
+        patches) and ``cohort_auc_lambda_…`` (the patches of healthy val volumes vs the other val
+        patches, unlabelled); for every objective the evaluation set allows, its value at its own best λ
         (:func:`objective_key`) and that λ (:func:`objective_lambda_key`); ``objective`` (that
         of ``evaluation.objective``), ``best_lambda``, and every per-λ metric at that λ; the
         ``fixed_metrics``; ``path`` (what the steps ran on).
@@ -440,6 +477,8 @@ def evaluate_objective(
             initial_z = in_fixed_rows(encoder, pixels, device)  # (M, nz)
     known = evaluation.labels >= 0
     healthy = evaluation.healthy
+    val_rows = np.flatnonzero(evaluation.kind == "val")
+    cohort = (~evaluation.reference[val_rows]).astype(np.int8)  # 1: not of a healthy volume
     fixed = dict(fixed_metrics or {})
     metrics: dict[str, Any] = {}
     per_lambda = []
@@ -476,15 +515,13 @@ def evaluate_objective(
             is_copy = np.r_[np.zeros(len(copies)), np.ones(len(copies))]
             row[f"{kind}_auc"] = auc(anomaly[pair], is_copy) if len(copies) else math.nan
         row["healthy_residual"] = float(residual[healthy].mean()) if healthy.any() else math.nan
+        row["cohort_auc"] = auc(anomaly[val_rows], cohort)
         for name in PER_LAMBDA_METRICS:
             metrics[lambda_key(name, lambda_)] = row[name]
         per_lambda.append(row)
-    for name in OBJECTIVES:
-        at = per_lambda[objectives.best_over_lambdas(name, per_lambda)]
-        value = objectives.objective_value(name, at)
-        if math.isfinite(value):
-            metrics[objective_key(name)] = value
-            metrics[objective_lambda_key(name)] = at["lambda"]
+    for name, (value, lambda_) in objectives.best_objectives(per_lambda).items():
+        metrics[objective_key(name)] = value
+        metrics[objective_lambda_key(name)] = lambda_
     best = per_lambda[objectives.best_over_lambdas(evaluation.objective, per_lambda)]
     metrics.update(
         objective=objectives.objective_value(evaluation.objective, best),
@@ -753,7 +790,7 @@ def run_mapping_trial(
 
 _MAPPING_COLUMNS = (
     "mapping", "steps", "z_lr", "objective", "best_lambda", "val_auc", "synthetic_auc",
-    "cutpaste_auc", "healthy_residual", "seconds_per_patch", "device", "path", "gpu_ids",
+    "cutpaste_auc", "healthy_residual", "cohort_auc", "seconds_per_patch", "device", "path", "gpu_ids",
     "node_id",
 )  # fmt: skip
 
@@ -875,7 +912,7 @@ def _write_parquet(url: str, frame: pd.DataFrame) -> None:
 
 _LEADERBOARD_COLUMNS = (
     "trial_id", "objective", "val_auc", "synthetic_auc", "cutpaste_auc", "healthy_residual",
-    "sliced_wasserstein", "best_lambda", "epochs", "stopped_early", "lr_generator",
+    "cohort_auc", "sliced_wasserstein", "best_lambda", "epochs", "stopped_early", "lr_generator",
     "lr_discriminator", "z_lr", "steps",
 )  # fmt: skip
 
