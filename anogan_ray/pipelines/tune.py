@@ -310,7 +310,8 @@ def resolve_objective(
     whether its volume is healthy), else :data:`~anogan_ray.core.objectives.FALLBACK_LABEL_FREE`.
 
     Raises:
-        TuneError: ``labels`` or ``cohort`` without the patches it needs.
+        TuneError: ``labels``, or an objective made of ``cohort_auc``, without the patches it
+            needs.
     """
     cohort = bool(reference.any() and not reference.all())
     if name == "auto":
@@ -464,8 +465,8 @@ def evaluate_objective(
         ``synthetic_auc_lambda_…`` and ``cutpaste_auc_lambda_…`` (healthy patches vs their
         lesioned copies), ``healthy_residual_lambda_…`` (mean R(x) of the healthy val
         patches) and ``cohort_auc_lambda_…`` (the patches of healthy val volumes vs the other val
-        patches, unlabelled); for every objective the evaluation set allows, its value at its own best λ
-        (:func:`objective_key`) and that λ (:func:`objective_lambda_key`); ``objective`` (that
+        patches, unlabelled); for every objective the evaluation set allows, its value at its own
+        best λ (:func:`objective_key`) and that λ (:func:`objective_lambda_key`); ``objective`` (that
         of ``evaluation.objective``), ``best_lambda``, and every per-λ metric at that λ; the
         ``fixed_metrics``; ``path`` (what the steps ran on).
     """
@@ -790,8 +791,8 @@ def run_mapping_trial(
 
 _MAPPING_COLUMNS = (
     "mapping", "steps", "z_lr", "objective", "best_lambda", "val_auc", "synthetic_auc",
-    "cutpaste_auc", "healthy_residual", "cohort_auc", "seconds_per_patch", "device", "path", "gpu_ids",
-    "node_id",
+    "cutpaste_auc", "healthy_residual", "cohort_auc", "seconds_per_patch", "device", "path",
+    "gpu_ids", "node_id",
 )  # fmt: skip
 
 
