@@ -147,7 +147,7 @@ def complete_objectives(frame: pd.DataFrame) -> pd.DataFrame:
 def volume_halves(volumes: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per val patch, whether its volume falls in half A: the healthy volumes (every patch
     labelled 0) and the others are each dealt alternately, in id order, into halves A and B."""
-    healthy = set(volumes[labels == 0].tolist()) - set(volumes[labels != 0].tolist())
+    healthy = sweep.healthy_volumes(volumes, labels)
     others = set(volumes.tolist()) - healthy
     in_a = {v: i % 2 == 0 for group in (healthy, others) for i, v in enumerate(sorted(group))}
     return np.array([in_a[v] for v in volumes.tolist()])
@@ -229,6 +229,15 @@ def cross_half_rows(halves: pd.DataFrame, seed: int) -> dict:
         if rows:
             result[name] = rows
     return result
+
+
+def cross_half_records(halves: pd.DataFrame, name: str, seeds: str, seed: int) -> list[dict]:
+    """:func:`cross_half_rows` as flat records of the data set ``name`` and its ``seeds``."""
+    return [
+        {"set": name, "seeds": seeds, "candidate": candidate, "direction": direction, **row}
+        for candidate, directions in cross_half_rows(halves, seed).items()
+        for direction, row in directions.items()
+    ]
 
 
 def agreement_rows(trials: pd.DataFrame, history: pd.DataFrame, seed: int) -> dict:
@@ -400,13 +409,11 @@ def main(argv: list[str] | None = None) -> dict:
             seeded = [*base, f"tune.seed={seed}", f"train.seed={seed}", f"tune.run_name=seed{seed}"]
             cfg = load_config(args.preset, seeded)
             out = str(root / f"tune-seed{seed}")
-            started = time.monotonic()
             if not (Path(out) / "summary.json").exists():
                 sweep.tune(str(patches), out, cfg)
             summary = json.loads((Path(out) / "summary.json").read_text())
             timings[f"{name}_seed{seed}_sweep_s"] = summary["wall_seconds"]
             history = pd.read_parquet(summary["history_table"])
-
             kept = dict(patches=str(patches), out=out, overrides=seeded, args=args, timings=timings)
             trials = evaluated(
                 evaluate_final_models, "final_models.parquet", args.lesion_patches, **kept
@@ -418,12 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
                     evaluate_halves, "final_models_halves.parquet", args.half_lesion_patches, **kept
                 ).assign(seed=seed)
                 all_halves.append(halves)
-                for candidate, directions in cross_half_rows(halves, seed).items():
-                    for direction, row in directions.items():
-                        cross_half.append({
-                            "set": name, "seeds": str(seed), "candidate": candidate,
-                            "direction": direction, **row,
-                        })  # fmt: skip
+                cross_half += cross_half_records(halves, name, str(seed), seed)
             all_history.append(history)
             labelled = trials[sweep.objective_key("labels")]
             anomalous, patches_evaluated = trials["eval_anomalous"][0], trials["eval_patches"][0]
@@ -442,12 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
         if all_halves:
             halves = pd.concat(all_halves)
             halves = halves.assign(trial_id=halves["seed"].astype(str) + "/" + halves["trial_id"])
-            for candidate, directions in cross_half_rows(halves, 0).items():
-                for direction, row in directions.items():
-                    cross_half.append({
-                        "set": name, "seeds": ",".join(map(str, seeds)), "candidate": candidate,
-                        "direction": direction, **row,
-                    })  # fmt: skip
+            cross_half += cross_half_records(halves, name, ",".join(map(str, seeds)), 0)
         trials, history = pd.concat(all_trials), pd.concat(all_history)
         trials = trials.assign(trial_id=trials["seed"].astype(str) + "/" + trials["trial_id"])
         history = history.assign(trial_id=history["seed"].astype(str) + "/" + history["trial_id"])

@@ -367,8 +367,7 @@ def make_evaluation_set(
     healthy = np.array([v not in lesion_volumes for v in eval_volumes]) & (eval_labels != 1)
     if not healthy.any():  # every val volume has a lesion: its patches labelled healthy
         healthy = eval_labels == 0
-    healthy_volumes = set(volumes[labels == 0].tolist()) - set(volumes[labels != 0].tolist())
-    reference = np.array([v in healthy_volumes for v in eval_volumes], bool)
+    reference = np.isin(eval_volumes, list(healthy_volumes(volumes, labels)))
     has_both = bool((labels == 1).any() and (labels == 0).any())
     objective = resolve_objective(tune_cfg.objective, has_both, reference, source)
     healthy_rows = np.flatnonzero(healthy)
@@ -411,6 +410,12 @@ def make_evaluation_set(
         val_patches=len(labels),
         val_anomalous=int((labels == 1).sum()),
     )
+
+
+def healthy_volumes(volumes: np.ndarray, labels: np.ndarray) -> set[str]:
+    """The volumes (of per-patch ``volumes`` and ``labels``) whose every patch is labelled 0:
+    the ``cohort`` objective's reference."""
+    return set(volumes[labels == 0].tolist()) - set(volumes[labels != 0].tolist())
 
 
 def _donor(row: int, healthy_rows: np.ndarray, volumes: np.ndarray, seed: int) -> int:
